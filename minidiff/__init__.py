@@ -1,0 +1,22 @@
+"""minidiff: diffusion models and reverse-mode autodiff, from scratch on NumPy and CuPy."""
+
+from . import functional
+from .autograd import Function, is_grad_enabled, no_grad
+from .backend import Device, cuda_available
+from .tensor import Tensor, ones, randn, tensor, zeros
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Device",
+    "Function",
+    "Tensor",
+    "cuda_available",
+    "functional",
+    "is_grad_enabled",
+    "no_grad",
+    "ones",
+    "randn",
+    "tensor",
+    "zeros",
+]

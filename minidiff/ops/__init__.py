@@ -1,0 +1,1 @@
+"""Differentiable ops: one Function per op, over raw numpy/cupy arrays."""
