@@ -1,0 +1,176 @@
+// Python bindings of the native kernels: the extension module minidiff._native.
+//
+// Every array argument is `noconvert`: a float32 array goes to the float overload, a float64
+// array to the double one, and anything else (other dtype, non-contiguous) is a TypeError rather
+// than a silent copy or cast. The Python wrappers in minidiff/kernels/ make inputs contiguous.
+// Shapes are checked again here because a wrong one would mean reading out of bounds.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace {
+
+template <typename T>
+using carray = py::array_t<T, py::array::c_style>;
+
+template <typename T>
+carray<T> empty(std::vector<py::ssize_t> shape) {
+    return carray<T>(shape);
+}
+
+void require(bool ok, const std::string& message) {
+    if (!ok) throw py::value_error(message);
+}
+
+minidiff::ConvGeometry conv_geometry(const char* fn, int64_t N, int64_t C, int64_t H, int64_t W,
+                                     int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                                     int64_t pw) {
+    require(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0,
+            std::string(fn) + ": need kernel >= 1, stride >= 1, padding >= 0");
+    // Check before dividing: C++ division truncates toward zero, so -1 / 2 would give Ho = 1.
+    require(H + 2 * ph >= kh && W + 2 * pw >= kw,
+            std::string(fn) + ": the kernel does not fit the padded input");
+    return {N, C, H, W, kh, kw, sh, sw, ph, pw, (H + 2 * ph - kh) / sh + 1, (W + 2 * pw - kw) / sw + 1};
+}
+
+template <typename T>
+carray<T> im2col(carray<T> x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                 int64_t pw) {
+    require(x.ndim() == 4, "im2col: x must have shape (N, C, H, W)");
+    const auto g = conv_geometry("im2col", x.shape(0), x.shape(1), x.shape(2), x.shape(3), kh, kw,
+                                 sh, sw, ph, pw);
+    auto cols = empty<T>({g.N, g.C * kh * kw, g.Ho * g.Wo});
+    const T* in = x.data();
+    T* out = cols.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::im2col(in, out, g);
+    }
+    return cols;
+}
+
+template <typename T>
+carray<T> col2im(carray<T> cols, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                 int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+    require(cols.ndim() == 3, "col2im: cols must have shape (N, C*kh*kw, Ho*Wo)");
+    const auto g = conv_geometry("col2im", cols.shape(0), C, H, W, kh, kw, sh, sw, ph, pw);
+    require(cols.shape(1) == C * kh * kw && cols.shape(2) == g.Ho * g.Wo,
+            "col2im: cols does not match the geometry");
+    auto x = empty<T>({g.N, C, H, W});
+    const T* in = cols.data();
+    T* out = x.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::col2im(in, out, g);
+    }
+    return x;
+}
+
+// Checks that a (C,) vector has C elements and returns its data (null for None).
+template <typename T>
+const T* channel_data(const std::optional<carray<T>>& v, int64_t C, const char* what) {
+    if (!v) return nullptr;
+    require(v->ndim() == 1 && v->shape(0) == C, std::string(what) + " must have shape (C,)");
+    return v->data();
+}
+
+template <typename T>
+py::tuple group_norm_forward(carray<T> x, std::optional<carray<T>> weight,
+                             std::optional<carray<T>> bias, int64_t groups, double eps) {
+    require(x.ndim() == 3, "group_norm_forward: x must have shape (N, C, S)");
+    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
+    require(groups >= 1 && C % groups == 0 && C * S > 0,
+            "group_norm_forward: groups must divide C and groups must not be empty");
+    const T* w = channel_data(weight, C, "group_norm_forward: weight");
+    const T* b = channel_data(bias, C, "group_norm_forward: bias");
+    auto y = empty<T>({N, C, S});
+    auto mean = empty<T>({N, groups});
+    auto rstd = empty<T>({N, groups});
+    const T* in = x.data();
+    T *yp = y.mutable_data(), *mp = mean.mutable_data(), *rp = rstd.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::group_norm_forward(in, w, b, yp, mp, rp, N, C, S, groups, eps);
+    }
+    return py::make_tuple(y, mean, rstd);
+}
+
+template <typename T>
+py::tuple group_norm_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
+                              carray<T> mean, carray<T> rstd, int64_t groups) {
+    require(x.ndim() == 3, "group_norm_backward: x must have shape (N, C, S)");
+    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
+    require(groups >= 1 && C % groups == 0 && C * S > 0,
+            "group_norm_backward: groups must divide C and groups must not be empty");
+    require(gy.ndim() == 3 && gy.shape(0) == N && gy.shape(1) == C && gy.shape(2) == S,
+            "group_norm_backward: gy must have the shape of x");
+    require(mean.size() == N * groups && rstd.size() == N * groups,
+            "group_norm_backward: mean and rstd must have N * groups elements");
+    const T* w = channel_data(weight, C, "group_norm_backward: weight");
+    auto gx = empty<T>({N, C, S});
+    std::vector<double> gw_part(w ? N * C : 0), gb_part(w ? N * C : 0);
+    const T *gyp = gy.data(), *xp = x.data(), *mp = mean.data(), *rp = rstd.data();
+    T* gxp = gx.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::group_norm_backward(gyp, xp, w, mp, rp, gxp, w ? gw_part.data() : nullptr,
+                                      w ? gb_part.data() : nullptr, N, C, S, groups);
+    }
+    if (!w) return py::make_tuple(gx, py::none(), py::none());
+    // Reduce the per-sample partial sums over N here, serially: C * N is small.
+    auto gweight = empty<T>({C});
+    auto gbias = empty<T>({C});
+    T *gwp = gweight.mutable_data(), *gbp = gbias.mutable_data();
+    for (int64_t c = 0; c < C; ++c) {
+        double sw = 0.0, sb = 0.0;
+        for (int64_t n = 0; n < N; ++n) {
+            sw += gw_part[n * C + c];
+            sb += gb_part[n * C + c];
+        }
+        gwp[c] = T(sw);
+        gbp[c] = T(sb);
+    }
+    return py::make_tuple(gx, gweight, gbias);
+}
+
+template <typename T>
+void bind(py::module_& m) {
+    m.def("im2col", &im2col<T>, "x"_a.noconvert(), "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a,
+          "Columns (N, C*kh*kw, Ho*Wo) of x (N, C, H, W); see minidiff/kernels/conv.py.");
+    m.def("col2im", &col2im<T>, "cols"_a.noconvert(), "C"_a, "H"_a, "W"_a, "kh"_a, "kw"_a, "sh"_a,
+          "sw"_a, "ph"_a, "pw"_a, "Adjoint of im2col: x (N, C, H, W) from cols.");
+    m.def("group_norm_forward", &group_norm_forward<T>, "x"_a.noconvert(),
+          "weight"_a.noconvert().none(true), "bias"_a.noconvert().none(true), "groups"_a, "eps"_a,
+          "(y, mean, rstd) for x (N, C, S); see minidiff/kernels/norm.py.");
+    m.def("group_norm_backward", &group_norm_backward<T>, "gy"_a.noconvert(), "x"_a.noconvert(),
+          "weight"_a.noconvert().none(true), "mean"_a.noconvert(), "rstd"_a.noconvert(),
+          "groups"_a, "(gx, gweight, gbias); gweight and gbias are None without weight.");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "Native CPU kernels of minidiff (C++, OpenMP). Use them through minidiff.kernels.";
+    bind<float>(m);
+    bind<double>(m);
+#ifdef _OPENMP
+    m.attr("openmp") = true;
+    m.def("openmp_max_threads", [] { return omp_get_max_threads(); });
+#else
+    m.attr("openmp") = false;
+    m.def("openmp_max_threads", [] { return 1; });
+#endif
+}

@@ -1,0 +1,42 @@
+"""Kernels: plain-array functions behind the ops, each with a reference and faster versions.
+
+Kernels take and return NumPy or CuPy arrays, never Tensors. Each family file (conv.py,
+norm.py, attention.py) holds the reference, Numba CPU and native versions side by side; the
+functions below dispatch to the one selected:
+
+    from minidiff import kernels
+    kernels.available()            # {"reference": (True, ...), "numba": ..., "native": ...}
+    kernels.use("numba")           # or "reference", "native", "auto" (default; MINIDIFF_KERNELS)
+    with kernels.use("reference"):
+        cols = kernels.im2col(x, 3, 3, (1, 1), (1, 1))
+    kernels.which("im2col")        # the implementation that runs im2col on NumPy arrays now
+"""
+
+from . import attention, conv, norm  # noqa: F401  (importing them registers the implementations)
+from .registry import IMPLEMENTATIONS, available, current, dispatcher, implementations, register, use, which
+
+# conv.py
+im2col = dispatcher("im2col")
+col2im = dispatcher("col2im")
+# norm.py
+group_norm_forward = dispatcher("group_norm_forward")
+group_norm_backward = dispatcher("group_norm_backward")
+# attention.py
+softmax_forward = dispatcher("softmax_forward")
+softmax_backward = dispatcher("softmax_backward")
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "available",
+    "current",
+    "implementations",
+    "register",
+    "use",
+    "which",
+    "im2col",
+    "col2im",
+    "group_norm_forward",
+    "group_norm_backward",
+    "softmax_forward",
+    "softmax_backward",
+]

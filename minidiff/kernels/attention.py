@@ -1,0 +1,107 @@
+"""Attention softmax: ``y = softmax(scale * x)`` along one axis, and its backward.
+
+    y  = exp(scale*x - max) / sum(exp(scale*x - max))     (subtracting the max cannot overflow)
+    gx = scale * y * (gy - sum(gy * y))                    (sums along the same axis)
+
+The backward needs only y, not x, so attention saves the probabilities it already has.
+The Numba kernels handle the last axis (rows of a 2-D view); other axes run the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minidiff.backend import get_array_module
+
+from ._checks import float_dtype, same_shape
+from .registry import njit, prange, register
+
+
+def _check_axis(fn, x, axis):
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"{fn}: axis {axis} is out of range for an array with shape {x.shape}")
+
+
+# -- reference -------------------------------------------------------------------------------
+
+
+@register("softmax_forward", "reference")
+def softmax_forward_reference(x, axis=-1, scale=1.0):
+    """``softmax(scale * x)`` along ``axis``, in x's dtype."""
+    float_dtype("softmax_forward", x=x)
+    _check_axis("softmax_forward", x, axis)
+    xp = get_array_module(x)
+    if x.size == 0:
+        return xp.empty_like(x)
+    z = x * scale if scale != 1.0 else x
+    e = xp.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+@register("softmax_backward", "reference")
+def softmax_backward_reference(gy, y, axis=-1, scale=1.0):
+    """Gradient wrt x of ``softmax(scale * x)`` given its output y and the output gradient gy."""
+    float_dtype("softmax_backward", gy=gy, y=y)
+    same_shape("softmax_backward", gy=gy, y=y)
+    _check_axis("softmax_backward", y, axis)
+    gx = y * (gy - (gy * y).sum(axis=axis, keepdims=True))
+    return gx * scale if scale != 1.0 else gx
+
+
+# -- Numba CPU: one task per row -------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _softmax_forward_cpu(x, scale, y):
+    R, L = x.shape
+    for r in prange(R):
+        top = -np.inf
+        for k in range(L):
+            top = max(top, scale * x[r, k])  # max of scale*x: scale may be negative
+        total = 0.0
+        for k in range(L):
+            e = np.exp(scale * x[r, k] - top)
+            y[r, k] = e
+            total += e
+        inv = 1.0 / total
+        for k in range(L):
+            y[r, k] *= inv
+
+
+@njit(parallel=True, cache=True)
+def _softmax_backward_cpu(gy, y, scale, gx):
+    R, L = y.shape
+    for r in prange(R):
+        dot = 0.0
+        for k in range(L):
+            dot += np.float64(gy[r, k]) * y[r, k]
+        for k in range(L):
+            gx[r, k] = scale * y[r, k] * (gy[r, k] - dot)
+
+
+def _is_last(x, axis):
+    return axis == -1 or axis == x.ndim - 1
+
+
+@register("softmax_forward", "numba")
+def softmax_forward_numba(x, axis=-1, scale=1.0):
+    if not _is_last(x, axis) or x.ndim == 0 or x.size == 0:
+        return softmax_forward_reference(x, axis, scale)  # the kernel handles rows only
+    float_dtype("softmax_forward", x=x)
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    y = np.empty(rows.shape, x.dtype)
+    _softmax_forward_cpu(rows, float(scale), y)
+    return y.reshape(x.shape)
+
+
+@register("softmax_backward", "numba")
+def softmax_backward_numba(gy, y, axis=-1, scale=1.0):
+    if not _is_last(y, axis) or y.ndim == 0 or y.size == 0:
+        return softmax_backward_reference(gy, y, axis, scale)
+    float_dtype("softmax_backward", gy=gy, y=y)
+    same_shape("softmax_backward", gy=gy, y=y)
+    y_rows = np.ascontiguousarray(y).reshape(-1, y.shape[-1])
+    gy_rows = np.ascontiguousarray(gy).reshape(-1, y.shape[-1])
+    gx = np.empty(y_rows.shape, y.dtype)
+    _softmax_backward_cpu(gy_rows, y_rows, float(scale), gx)
+    return gx.reshape(y.shape)

@@ -1,0 +1,162 @@
+"""Convolution helpers: im2col and its adjoint col2im.
+
+A 2-D convolution is a matrix product once every receptive field is laid out as a column:
+
+    cols = im2col(x, kh, kw, stride, padding)        # (N, C*kh*kw, Ho*Wo)
+    y[n] = weight.reshape(O, C*kh*kw) @ cols[n]      # (O, Ho*Wo)
+
+Row ``c*kh*kw + i*kw + j`` of ``cols[n]`` holds input channel ``c`` shifted by kernel offset
+``(i, j)``: ``cols[n, row, oh*Wo + ow] = x_padded[n, c, oh*sh + i, ow*sw + j]`` (the layout of
+``torch.nn.functional.unfold``). col2im is the adjoint: it scatter-adds each column entry back
+to the pixel it came from and drops the padding, which is the input gradient of im2col.
+
+Three implementations side by side: the reference (``xp`` code, NumPy or CuPy, one strided
+copy per kernel offset), Numba CPU and the C++ extension.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minidiff.backend import get_array_module
+
+from ._checks import float_dtype, pair
+from .registry import native, njit, prange, register
+
+
+def conv_output_size(fn, x_shape, kh, kw, stride, padding):
+    """Check the geometry; return ``(N, C, H, W, Ho, Wo, (sh, sw), (ph, pw))``."""
+    if len(x_shape) != 4:
+        raise ValueError(f"{fn}: x must have shape (N, C, H, W), got {tuple(x_shape)}")
+    N, C, H, W = x_shape
+    pair(fn, "kernel size", (kh, kw))
+    sh, sw = pair(fn, "stride", stride)
+    ph, pw = pair(fn, "padding", padding)
+    if kh < 1 or kw < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise ValueError(
+            f"{fn}: need kernel >= 1, stride >= 1, padding >= 0; "
+            f"got kernel ({kh}, {kw}), stride ({sh}, {sw}), padding ({ph}, {pw})"
+        )
+    Ho = (H + 2 * ph - kh) // sh + 1
+    Wo = (W + 2 * pw - kw) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"{fn}: kernel ({kh}, {kw}) does not fit the padded input "
+            f"({H + 2 * ph}, {W + 2 * pw}) of x with shape {tuple(x_shape)}"
+        )
+    return N, C, H, W, Ho, Wo, (sh, sw), (ph, pw)
+
+
+def _check_cols(fn, cols, x_shape, kh, kw, stride, padding):
+    x_shape = tuple(int(d) for d in x_shape)
+    N, C, H, W, Ho, Wo, s, p = conv_output_size(fn, x_shape, kh, kw, stride, padding)
+    if cols.shape != (N, C * kh * kw, Ho * Wo):
+        raise ValueError(
+            f"{fn}: cols must have shape {(N, C * kh * kw, Ho * Wo)} for x_shape {x_shape}, "
+            f"kernel ({kh}, {kw}), stride {s}, padding {p}; got {cols.shape}"
+        )
+    float_dtype(fn, cols=cols)
+    return x_shape, Ho, Wo, s, p
+
+
+# -- reference -------------------------------------------------------------------------------
+
+
+@register("im2col", "reference")
+def im2col_reference(x, kh, kw, stride, padding):
+    """Columns ``(N, C*kh*kw, Ho*Wo)`` of the zero-padded x ``(N, C, H, W)``; see the module doc."""
+    float_dtype("im2col", x=x)
+    N, C, H, W, Ho, Wo, (sh, sw), (ph, pw) = conv_output_size("im2col", x.shape, kh, kw, stride, padding)
+    xp = get_array_module(x)
+    xpad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    cols = xp.empty((N, C, kh, kw, Ho, Wo), dtype=x.dtype)
+    for i in range(kh):  # one strided copy per kernel offset: every output pixel at once
+        for j in range(kw):
+            cols[:, :, i, j] = xpad[:, :, i : i + sh * (Ho - 1) + 1 : sh, j : j + sw * (Wo - 1) + 1 : sw]
+    return cols.reshape(N, C * kh * kw, Ho * Wo)
+
+
+@register("col2im", "reference")
+def col2im_reference(cols, x_shape, kh, kw, stride, padding):
+    """Adjoint of im2col: scatter-add ``cols`` back into an array of ``x_shape``."""
+    (N, C, H, W), Ho, Wo, (sh, sw), (ph, pw) = _check_cols("col2im", cols, x_shape, kh, kw, stride, padding)
+    xp = get_array_module(cols)
+    cols = cols.reshape(N, C, kh, kw, Ho, Wo)
+    xpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
+    for i in range(kh):  # overlapping windows add up: that is the adjoint of the copies above
+        for j in range(kw):
+            xpad[:, :, i : i + sh * (Ho - 1) + 1 : sh, j : j + sw * (Wo - 1) + 1 : sw] += cols[:, :, i, j]
+    return xp.ascontiguousarray(xpad[:, :, ph : ph + H, pw : pw + W])
+
+
+# -- Numba CPU -------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _im2col_cpu(x, kh, kw, sh, sw, ph, pw, Ho, Wo, cols):
+    N, C, H, W = x.shape
+    for nc in prange(N * C):  # each (n, c) owns rows c*kh*kw ... of cols[n]: no write races
+        n, c = nc // C, nc % C
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for oh in range(Ho):
+                    h = oh * sh - ph + i
+                    for ow in range(Wo):
+                        w = ow * sw - pw + j
+                        if 0 <= h < H and 0 <= w < W:
+                            cols[n, row, oh * Wo + ow] = x[n, c, h, w]
+                        else:
+                            cols[n, row, oh * Wo + ow] = 0
+
+
+@njit(parallel=True, cache=True)
+def _col2im_cpu(cols, kh, kw, sh, sw, ph, pw, Ho, Wo, x):
+    N, C, H, W = x.shape
+    for nc in prange(N * C):  # each (n, c) writes only x[n, c]: no write races
+        n, c = nc // C, nc % C
+        x[n, c] = 0
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for oh in range(Ho):
+                    h = oh * sh - ph + i
+                    if h < 0 or h >= H:
+                        continue
+                    for ow in range(Wo):
+                        w = ow * sw - pw + j
+                        if 0 <= w < W:
+                            x[n, c, h, w] += cols[n, row, oh * Wo + ow]
+
+
+@register("im2col", "numba")
+def im2col_numba(x, kh, kw, stride, padding):
+    float_dtype("im2col", x=x)
+    N, C, H, W, Ho, Wo, (sh, sw), (ph, pw) = conv_output_size("im2col", x.shape, kh, kw, stride, padding)
+    cols = np.empty((N, C * kh * kw, Ho * Wo), dtype=x.dtype)
+    _im2col_cpu(np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, Ho, Wo, cols)
+    return cols
+
+
+@register("col2im", "numba")
+def col2im_numba(cols, x_shape, kh, kw, stride, padding):
+    x_shape, Ho, Wo, (sh, sw), (ph, pw) = _check_cols("col2im", cols, x_shape, kh, kw, stride, padding)
+    x = np.empty(x_shape, dtype=cols.dtype)
+    _col2im_cpu(np.ascontiguousarray(cols), kh, kw, sh, sw, ph, pw, Ho, Wo, x)
+    return x
+
+
+# -- native (kernels/conv.cpp) ---------------------------------------------------------------
+
+
+@register("im2col", "native")
+def im2col_native(x, kh, kw, stride, padding):
+    float_dtype("im2col", x=x)
+    _, _, _, _, _, _, (sh, sw), (ph, pw) = conv_output_size("im2col", x.shape, kh, kw, stride, padding)
+    return native.im2col(np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw)
+
+
+@register("col2im", "native")
+def col2im_native(cols, x_shape, kh, kw, stride, padding):
+    (N, C, H, W), _, _, (sh, sw), (ph, pw) = _check_cols("col2im", cols, x_shape, kh, kw, stride, padding)
+    return native.col2im(np.ascontiguousarray(cols), C, H, W, kh, kw, sh, sw, ph, pw)

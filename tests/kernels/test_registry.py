@@ -1,0 +1,190 @@
+"""The kernel registry: use() validation and restore, fallback order, devices, MINIDIFF_KERNELS."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidiff import kernels
+from minidiff.kernels import registry
+
+
+@pytest.fixture(autouse=True)
+def restore_choice(monkeypatch):
+    """Each test starts from the current choice and leaves it (and the cache) as it found it."""
+    monkeypatch.setattr(registry, "_choice", registry._choice)
+    yield
+    monkeypatch.undo()
+    registry._selected.clear()
+
+
+@pytest.fixture
+def fake_op():
+    """A test-only op with a reference and a numba version that say which one ran."""
+    op = "_test_only_op"
+    registry.register(op, "reference")(lambda x: "reference")
+    registry.register(op, "numba")(lambda x: "numba")
+    yield op, registry.dispatcher(op)
+    registry._TABLE.pop(op, None)
+    registry._selected.pop(op, None)
+
+
+needs_numba = pytest.mark.skipif(not kernels.available()["numba"][0], reason=kernels.available()["numba"][1])
+needs_native = pytest.mark.skipif(
+    not kernels.available()["native"][0], reason=kernels.available()["native"][1]
+)
+
+
+def test_names_and_availability():
+    assert kernels.IMPLEMENTATIONS == ("reference", "numba", "native")
+    status = kernels.available()
+    assert set(status) == set(kernels.IMPLEMENTATIONS)
+    assert status["reference"][0] is True
+    assert all(isinstance(ok, bool) and isinstance(why, str) and why for ok, why in status.values())
+
+
+def test_every_op_has_a_reference_and_only_available_implementations():
+    for op in (
+        "im2col",
+        "col2im",
+        "group_norm_forward",
+        "group_norm_backward",
+        "softmax_forward",
+        "softmax_backward",
+    ):
+        impls = kernels.implementations(op)
+        assert "reference" in impls
+        assert all(kernels.available()[name][0] for name in impls)
+        assert getattr(kernels, op).__doc__ == impls["reference"].__doc__
+
+
+def test_use_rejects_unknown_names():
+    with pytest.raises(ValueError, match="'auto', 'reference', 'numba', 'native'"):
+        kernels.use("cuda")
+    with pytest.raises(ValueError):
+        kernels.register("im2col", "fortran")
+
+
+def test_use_refuses_an_implementation_that_is_not_available(monkeypatch):
+    monkeypatch.setitem(
+        registry._AVAILABLE, "native", (False, "the native extension minidiff._native is not built (test)")
+    )
+    before = kernels.current()
+    with pytest.raises(RuntimeError, match="'native'.*not built"):
+        kernels.use("native")
+    assert kernels.current() == before
+
+
+@pytest.mark.skipif(kernels.available()["native"][0], reason="the native extension is built here")
+def test_use_native_without_the_extension_says_it_is_not_built():
+    with pytest.raises(RuntimeError, match="not built"):
+        kernels.use("native")
+
+
+def test_use_persists_and_the_context_manager_restores():
+    kernels.use("auto")
+    kernels.use("reference")
+    assert kernels.current() == "reference"
+    with kernels.use("auto"):
+        assert kernels.current() == "auto"
+        with kernels.use("reference"):
+            assert kernels.current() == "reference"
+        assert kernels.current() == "auto"
+    assert kernels.current() == "reference"
+    with pytest.raises(KeyError), kernels.use("auto"):
+        raise KeyError("restores on the way out of an exception too")
+    assert kernels.current() == "reference"
+
+
+def test_selection_runs_the_chosen_implementation():
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4))
+    for name in kernels.implementations("im2col"):
+        with kernels.use(name):
+            assert kernels.which("im2col") == name
+            np.testing.assert_array_equal(
+                kernels.im2col(x, 3, 3, (1, 1), (1, 1)),
+                kernels.implementations("im2col")["reference"](x, 3, 3, (1, 1), (1, 1)),
+            )
+
+
+def test_auto_picks_the_fastest_present():
+    with kernels.use("auto"):
+        for op in ("im2col", "group_norm_forward", "softmax_forward"):
+            present = kernels.implementations(op)
+            assert kernels.which(op) == next(n for n in ("native", "numba", "reference") if n in present)
+
+
+@needs_numba
+def test_missing_implementations_fall_back_in_speed_order(fake_op, monkeypatch):
+    op, dispatch = fake_op
+    monkeypatch.setitem(registry._AVAILABLE, "native", (True, "pretend it is built"))
+    with kernels.use("native"):  # the op has no native version: the next fastest runs
+        assert dispatch(np.zeros(1)) == "numba"
+    with kernels.use("auto"):
+        assert dispatch(np.zeros(1)) == "numba"
+    with kernels.use("numba"):
+        assert dispatch(np.zeros(1)) == "numba"
+    with kernels.use("reference"):
+        assert dispatch(np.zeros(1)) == "reference"
+
+
+@needs_native
+@needs_numba
+def test_native_choice_runs_numba_softmax():
+    with kernels.use("native"):
+        assert kernels.which("im2col") == "native"
+        assert kernels.which("softmax_forward") == "numba"
+
+
+@needs_numba
+def test_non_numpy_arrays_run_the_reference(fake_op):
+    """CuPy arrays (anything that is not a NumPy array) always get the xp reference."""
+    _, dispatch = fake_op
+    with kernels.use("numba"):
+        assert dispatch(np.zeros(1)) == "numba"
+        assert dispatch(object()) == "reference"
+
+
+@needs_numba
+def test_numba_softmax_on_other_axes_runs_the_reference():
+    x = np.random.default_rng(1).standard_normal((3, 4, 5))
+    reference = kernels.implementations("softmax_forward")["reference"]
+    with kernels.use("numba"):
+        for axis in (0, 1, -2, 2, -1):
+            np.testing.assert_allclose(
+                kernels.softmax_forward(x, axis=axis, scale=0.5), reference(x, axis, 0.5), rtol=1e-12
+            )
+
+
+def test_environment_variable_is_read_once(monkeypatch):
+    monkeypatch.setattr(registry, "_choice", None)  # as if nothing had been selected yet
+    monkeypatch.setenv("MINIDIFF_KERNELS", "Reference ")
+    assert kernels.current() == "reference"
+    monkeypatch.setenv("MINIDIFF_KERNELS", "auto")
+    assert kernels.current() == "reference"
+
+
+def test_environment_variable_errors_name_the_variable(monkeypatch):
+    monkeypatch.setattr(registry, "_choice", None)
+    monkeypatch.setenv("MINIDIFF_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="MINIDIFF_KERNELS"):
+        kernels.current()
+    with kernels.use("reference"):  # an explicit choice overrides a bad variable
+        assert kernels.which("im2col") == "reference"
+    monkeypatch.setitem(registry._AVAILABLE, "numba", (False, "numba is not installed (test)"))
+    monkeypatch.setenv("MINIDIFF_KERNELS", "numba")
+    with pytest.raises(RuntimeError, match="MINIDIFF_KERNELS.*not installed"):
+        kernels.im2col(np.zeros((1, 1, 2, 2)), 1, 1, (1, 1), (0, 0))
+
+
+def test_environment_variable_in_a_fresh_process():
+    code = "from minidiff import kernels; print(kernels.current(), kernels.which('im2col'))"
+    env = dict(os.environ, MINIDIFF_KERNELS="reference")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["reference", "reference"]
