@@ -145,15 +145,20 @@ def topological_order(root):
     """Tensors reachable from ``root`` through recorded Functions, inputs first.
 
     Iterative depth-first search, so deep graphs do not hit Python's recursion
-    limit.
+    limit. A tensor is marked visited when it is expanded, not when it is
+    pushed: one reached again on a later path must still be emitted after
+    every tensor computed from it (x in ``x * sigmoid(x)``).
     """
-    order, visited = [], {id(root)}
+    order, visited = [], set()
     stack = [(root, False)]
     while stack:
         node, inputs_done = stack.pop()
         if inputs_done:
             order.append(node)
             continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
         stack.append((node, True))
         fn = node._ctx
         if fn is None:
@@ -166,7 +171,6 @@ def topological_order(root):
             )
         for x in fn.inputs:
             if x is not None and x.requires_grad and id(x) not in visited:
-                visited.add(id(x))
                 stack.append((x, False))
     return order
 

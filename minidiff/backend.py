@@ -72,9 +72,7 @@ class Device:
         if index and not index.isdigit():
             raise ValueError(f"unknown device {spec!r}: the index must be a number")
         self.type = kind
-        self.index = int(index) if kind == "cuda" else None
-        if kind == "cuda" and self.index is None:
-            self.index = 0
+        self.index = (int(index) if index else 0) if kind == "cuda" else None
 
     @property
     def xp(self):

@@ -44,8 +44,10 @@ def _check_ndim(x, ndim, op, arg, layout=""):
 
 
 def _pair(value, op, arg, minimum):
-    pair = (value, value) if isinstance(value, numbers.Integral) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) for v in pair):
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
+        isinstance(v, numbers.Integral) for v in pair
+    ):
         raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
         raise ValueError(f"{op}: {arg} must be >= {minimum}, got {value!r}")
@@ -95,6 +97,8 @@ def div(a, b) -> Tensor:
 def pow(base, exponent) -> Tensor:  # noqa: A001 - mirrors the ** operator
     """base ** exponent. A number exponent is a constant; a Tensor one is differentiable."""
     if isinstance(base, Tensor) and isinstance(exponent, numbers.Number):
+        # a Python number, so NumPy scalars (float64) do not promote float32 data
+        exponent = int(exponent) if isinstance(exponent, numbers.Integral) else float(exponent)
         return elementwise.PowScalar.apply(base, exponent=exponent)
     return elementwise.Pow.apply(*_binary_operands(base, exponent, "pow"))
 
@@ -165,6 +169,9 @@ def gelu(x, approximate: str = "none") -> Tensor:
 
 
 def clip(x, low=None, high=None) -> Tensor:
+    # Python floats, so NumPy float64 bounds do not promote float32 data
+    low = None if low is None else float(low)
+    high = None if high is None else float(high)
     if low is not None and high is not None and low > high:
         raise ValueError(f"clip: low ({low}) is greater than high ({high})")
     return _unary(elementwise.Clip, x, "clip", low=low, high=high)
@@ -263,6 +270,15 @@ def transpose(x, *axes) -> Tensor:
     return _tensor(x, "transpose", "x").transpose(*axes)
 
 
+def swapaxes(x, axis1, axis2) -> Tensor:
+    """Exchange two axes."""
+    x = _tensor(x, "swapaxes", "x")
+    a, b = _axis(axis1, x.ndim, "swapaxes"), _axis(axis2, x.ndim, "swapaxes")
+    axes = list(range(x.ndim))
+    axes[a], axes[b] = axes[b], axes[a]
+    return shape_op(shape_module.Permute, x, axes=tuple(axes))
+
+
 def broadcast_to(x, shape) -> Tensor:
     x = _tensor(x, "broadcast_to", "x")
     shape = tuple(shape)
@@ -340,6 +356,8 @@ def pad(x, pad_width, value=0.0) -> Tensor:
     """Constant padding, ``pad_width`` as in ``numpy.pad``: an int, one
     (before, after) pair for every axis, or a pair per axis."""
     x = _float_tensor(x, "pad", "x")
+    if x.ndim == 0:  # nothing to pad, as in numpy.pad
+        return x
     widths = np.asarray(pad_width)
     if widths.dtype.kind not in "iu":
         raise TypeError(f"pad: pad_width must be integers, got {pad_width!r}")
@@ -359,6 +377,8 @@ def pad(x, pad_width, value=0.0) -> Tensor:
 def matmul(a, b) -> Tensor:
     """Matrix product with NumPy's rules: batch dims broadcast, 1-D operands
     are promoted to matrices and the added axis is removed again."""
+    if isinstance(a, Tensor) != isinstance(b, Tensor):  # an array operand follows the Tensor's dtype
+        a, b = (a, as_tensor(b, like=a)) if isinstance(a, Tensor) else (as_tensor(a, like=b), b)
     a, b = _float_tensor(a, "matmul", "a"), _float_tensor(b, "matmul", "b")
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: operands must have at least 1 dim, got {a.shape} and {b.shape}")
@@ -381,7 +401,7 @@ def matmul(a, b) -> Tensor:
 def linear(x, weight, bias=None) -> Tensor:
     """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
     x = _float_tensor(x, "linear", "x")
-    weight = _float_tensor(weight, "linear", "weight")
+    weight = _float_tensor(as_tensor(weight, like=x), "linear", "weight")
     _check_ndim(weight, 2, "linear", "weight", "(out_features, in_features)")
     if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -389,7 +409,7 @@ def linear(x, weight, bias=None) -> Tensor:
             f"{weight.shape[1]} input features in the last axis"
         )
     if bias is not None:
-        bias = _float_tensor(bias, "linear", "bias")
+        bias = _float_tensor(as_tensor(bias, like=x), "linear", "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
     return linalg.Linear.apply(x, weight, bias)
@@ -473,8 +493,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> Tensor:
         )
     weight = _affine(weight, "weight", (channels,), op)
     bias = _affine(bias, "bias", (channels,), op)
-    if bias is not None and weight is None:  # the kernels take both or neither
+    # the kernels take both or neither
+    if bias is not None and weight is None:
         weight = as_tensor(np.ones(channels), like=x)
+    if weight is not None and bias is None:
+        bias = as_tensor(np.zeros(channels), like=x)
     return norm.GroupNorm.apply(x, weight, bias, groups=int(num_groups), eps=float(eps))
 
 
@@ -524,18 +547,21 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale=None) -> Tensor:
             f"{q.shape}, {k.shape}, {v.shape}"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    scores = matmul(q, transpose(k, -2, -1))
+    scores = matmul(q, swapaxes(k, -2, -1))
+    last = scores.ndim - 1
     if mask is None:
-        weights = attention.Softmax.apply(scores, axis=scores.ndim - 1, scale=scale)
+        return matmul(attention.Softmax.apply(scores, axis=last, scale=scale), v)
+    mask = as_tensor(mask, like=scores)
+    if mask.dtype == np.bool_ and scale > 0:
+        # -inf stays -inf under a positive scale, so the scale can stay fused in the softmax
+        scores = masked_fill(scores, Tensor._wrap(~mask.data), -np.inf)
+        return matmul(attention.Softmax.apply(scores, axis=last, scale=scale), v)
+    scores = scores * scale
+    if mask.dtype == np.bool_:
+        scores = masked_fill(scores, Tensor._wrap(~mask.data), -np.inf)
     else:
-        mask = mask if isinstance(mask, Tensor) else as_tensor(mask, like=scores)
-        if mask.dtype == np.bool_:
-            scores = masked_fill(scores, Tensor._wrap(~mask.data), -np.inf)
-            weights = attention.Softmax.apply(scores, axis=scores.ndim - 1, scale=scale)
-        else:
-            scores = add(scores * scale, mask)
-            weights = softmax(scores, axis=-1)
-    return matmul(weights, v)
+        scores = add(scores, mask)
+    return matmul(attention.Softmax.apply(scores, axis=last, scale=1.0), v)
 
 
 # -- regularization and lookup ---------------------------------------------------------

@@ -251,10 +251,11 @@ class Tensor:
         return F.reshape(self, self.shape[:start_axis] + (-1,))
 
     def transpose(self, *axes):
-        """Reverse the axes (no arguments), swap two axes, or permute all of them."""
+        """Reverse the axes (no arguments), swap two axes (``t.transpose(-2, -1)``,
+        also for a matrix), or permute all of them (three or more axes)."""
         if len(axes) == 1 and not isinstance(axes[0], int):
             axes = tuple(axes[0])
-        if len(axes) == 2 and self.ndim != 2:
+        if len(axes) == 2:
             a, b = (ax % self.ndim for ax in axes)
             perm = list(range(self.ndim))
             perm[a], perm[b] = perm[b], perm[a]
@@ -346,7 +347,7 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
     xp = like.device.xp
     if isinstance(value, numbers.Number) or hasattr(value, "__array__") or isinstance(value, (list, tuple)):
         array = xp.asarray(value)
-        if like.dtype.kind == "f" and array.dtype.kind in "fiub":
+        if like.dtype.kind == "f" and array.dtype.kind in "fiu":  # booleans stay masks
             array = array.astype(like.dtype, copy=False)
         return Tensor._wrap(array)
     raise TypeError(f"cannot use a {type(value).__name__} as a tensor")
@@ -355,13 +356,15 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
 def zeros(*shape, dtype=None, device="cpu", requires_grad=False) -> Tensor:
     shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
     xp = Device(device).xp
-    return tensor(xp.zeros(shape, dtype=dtype or DEFAULT_DTYPE), requires_grad=requires_grad)
+    dtype = np.dtype(dtype or DEFAULT_DTYPE)
+    return tensor(xp.zeros(shape, dtype=dtype), requires_grad=requires_grad, dtype=dtype)
 
 
 def ones(*shape, dtype=None, device="cpu", requires_grad=False) -> Tensor:
     shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
     xp = Device(device).xp
-    return tensor(xp.ones(shape, dtype=dtype or DEFAULT_DTYPE), requires_grad=requires_grad)
+    dtype = np.dtype(dtype or DEFAULT_DTYPE)
+    return tensor(xp.ones(shape, dtype=dtype), requires_grad=requires_grad, dtype=dtype)
 
 
 def randn(*shape, generator=None, dtype=None, device="cpu", requires_grad=False) -> Tensor:
@@ -369,8 +372,9 @@ def randn(*shape, generator=None, dtype=None, device="cpu", requires_grad=False)
     shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
     xp = Device(device).xp
     rng = generator if hasattr(generator, "standard_normal") else xp.random.default_rng(generator)
-    data = rng.standard_normal(shape, dtype=np.dtype(dtype or DEFAULT_DTYPE))
-    return tensor(data, requires_grad=requires_grad, device=device)
+    dtype = np.dtype(dtype or DEFAULT_DTYPE)
+    data = rng.standard_normal(shape, dtype=dtype)
+    return tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
 
 
 from . import functional as F  # noqa: E402  (functional needs Tensor, defined above)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from ..autograd import Function
 from ..backend import get_array_module
 
@@ -10,12 +12,12 @@ def normalize_axes(axis, ndim, op="reduce"):
     """``axis`` (None, int or tuple) as a sorted tuple of non-negative axes."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
     out = []
     for a in axes:
-        if not isinstance(a, int) or not -ndim <= a < max(ndim, 1):
+        if not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
             raise ValueError(f"{op}: axis {a} is out of range for a tensor with {ndim} dims")
-        out.append(a % ndim if ndim else 0)
+        out.append(int(a) % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"{op}: repeated axis in {axis}")
     return tuple(sorted(out))
@@ -62,5 +64,5 @@ class Max(Function):
         if not self.keepdims:
             g = g.reshape(y.shape)
         is_max = x == y
-        count = is_max.sum(axis=self.axes, keepdims=True)
+        count = is_max.sum(axis=self.axes, keepdims=True).astype(g.dtype)
         return is_max * (g / count)
