@@ -117,9 +117,7 @@ class Function:
 
         data = fn.forward(*arrays, **params)
 
-        requires_grad = is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in inputs
-        )
+        requires_grad = is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
         out = Tensor._wrap(data, requires_grad=requires_grad)
         if requires_grad:
             fn.inputs = inputs
@@ -193,8 +191,7 @@ def run_backward(root, grad, retain_graph=False):
             input_grads = (input_grads,)
         if len(input_grads) != len(fn.inputs):
             raise RuntimeError(
-                f"{fn.name}.backward returned {len(input_grads)} gradients "
-                f"for {len(fn.inputs)} inputs"
+                f"{fn.name}.backward returned {len(input_grads)} gradients for {len(fn.inputs)} inputs"
             )
         for x, gx in zip(fn.inputs, input_grads):
             if gx is None or x is None or not x.requires_grad:

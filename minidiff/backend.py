@@ -101,6 +101,14 @@ class Device:
 CPU = Device("cpu")
 
 
+def is_device_spec(value) -> bool:
+    """True for a Device or a string naming one ('cpu', 'cuda', 'cuda:1'), False
+    for anything else (such as a dtype name like 'float64')."""
+    if isinstance(value, Device):
+        return True
+    return isinstance(value, str) and value.partition(":")[0] in ("cpu", "cuda")
+
+
 def device_of(array) -> Device:
     if type(array).__module__.startswith("cupy"):
         return Device(f"cuda:{array.device.id}")

@@ -7,7 +7,6 @@ Function from ``minidiff.ops``, or composes several.
 
 from __future__ import annotations
 
-import builtins
 import math
 import numbers
 
@@ -45,8 +44,10 @@ def _check_ndim(x, ndim, op, arg, layout=""):
 
 def _pair(value, op, arg, minimum):
     pair = (value, value) if isinstance(value, numbers.Integral) else value
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
-        isinstance(v, numbers.Integral) for v in pair
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(v, numbers.Integral) for v in pair)
     ):
         raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
@@ -108,8 +109,12 @@ def neg(x) -> Tensor:
 
 
 _COMPARISONS = {
-    "lt": np.less, "le": np.less_equal, "gt": np.greater,
-    "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal,
+    "lt": np.less,
+    "le": np.less_equal,
+    "gt": np.greater,
+    "ge": np.greater_equal,
+    "eq": np.equal,
+    "ne": np.not_equal,
 }
 
 
@@ -208,7 +213,7 @@ def to_device(x, device) -> Tensor:
     """Copy to another device (differentiable: the gradient comes back)."""
     x = _tensor(x, "to_device", "x")
     device = Device(device)
-    device.xp  # raises a clear error when CUDA is not there
+    _ = device.xp  # raises a clear error when CUDA is not there
     if x.dtype.kind != "f":
         return Tensor._wrap(_move_array(x.data, device))
     return elementwise.ToDevice.apply(x, device=device)
@@ -335,12 +340,12 @@ def concat(tensors, axis=0) -> Tensor:
     tensors = _same_kind(tensors, "concat")
     ndim = tensors[0].ndim
     axis = _axis(axis, ndim, "concat")
-    for i, t in enumerate(tensors):
-        if t.ndim != ndim or t.shape[:axis] + t.shape[axis + 1 :] != (
-            tensors[0].shape[:axis] + tensors[0].shape[axis + 1 :]
-        ):
-            shapes = [t.shape for t in tensors]
-            raise ValueError(f"concat: shapes {shapes} differ outside axis {axis}")
+    def outside(shape):
+        return shape[:axis] + shape[axis + 1 :]
+
+    if any(t.ndim != ndim or outside(t.shape) != outside(tensors[0].shape) for t in tensors):
+        shapes = [t.shape for t in tensors]
+        raise ValueError(f"concat: shapes {shapes} differ outside axis {axis}")
     return shape_module.Concat.apply(*tensors, axis=axis)
 
 
@@ -506,7 +511,9 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5) -> Tensor:
     op = "layer_norm"
     x = _float_tensor(x, op, "x")
     normalized_shape = (
-        (int(normalized_shape),) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
+        (int(normalized_shape),)
+        if isinstance(normalized_shape, numbers.Integral)
+        else tuple(normalized_shape)
     )
     k = len(normalized_shape)
     if k == 0 or x.shape[x.ndim - k :] != normalized_shape:
@@ -540,7 +547,9 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale=None) -> Tensor:
     op = "scaled_dot_product_attention"
     q, k, v = (_float_tensor(t, op, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
     if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
-        raise ValueError(f"{op}: q, k, v need the same number (>= 2) of dims, got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(
+            f"{op}: q, k, v need the same number (>= 2) of dims, got {q.shape}, {k.shape}, {v.shape}"
+        )
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(
             f"{op}: expected q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv); got "
@@ -617,7 +626,11 @@ def _reduce(loss, reduction, op):
 def mse_loss(input, target, reduction="mean") -> Tensor:  # noqa: A002
     """Mean squared error; input and target must have the same shape."""
     input = _float_tensor(input, "mse_loss", "input")
-    target = _float_tensor(target, "mse_loss", "target") if isinstance(target, Tensor) else as_tensor(target, like=input)
+    target = (
+        _float_tensor(target, "mse_loss", "target")
+        if isinstance(target, Tensor)
+        else as_tensor(target, like=input)
+    )
     if input.shape != target.shape:
         raise ValueError(f"mse_loss: input {input.shape} and target {target.shape} differ in shape")
     diff = input - target

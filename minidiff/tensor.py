@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 
 from .autograd import run_backward
-from .backend import DEFAULT_DTYPE, Device, as_float_dtype, device_of, to_device
+from .backend import DEFAULT_DTYPE, Device, as_float_dtype, device_of, is_device_spec, to_device
 
 
 class Tensor:
@@ -132,8 +132,8 @@ class Tensor:
 
         ``t.to("cuda")``, ``t.to(np.float64)``, ``t.to("cpu", dtype="float64")``.
         """
-        if device is not None and not isinstance(device, (str, Device)):
-            device, dtype = None, device  # t.to(np.float64)
+        if device is not None and not is_device_spec(device):
+            device, dtype = None, device  # t.to(np.float64) or t.to("float64")
         out = self
         if dtype is not None and np.dtype(dtype) != self.dtype:
             out = F.cast(out, dtype)
@@ -223,8 +223,7 @@ class Tensor:
     def __bool__(self):
         if self.size != 1:
             raise ValueError(
-                f"the truth value of a tensor of shape {self.shape} is ambiguous; "
-                "use .any() or .all()"
+                f"the truth value of a tensor of shape {self.shape} is ambiguous; use .any() or .all()"
             )
         return bool(self.item())
 
@@ -324,7 +323,7 @@ def tensor(data, requires_grad=False, dtype=None, device=None) -> Tensor:
     xp = device.xp
     if dtype is None:
         kind = getattr(getattr(data, "dtype", None), "kind", None)
-        dtype = getattr(data, "dtype") if kind in ("i", "u", "b") else DEFAULT_DTYPE
+        dtype = data.dtype if kind in ("i", "u", "b") else DEFAULT_DTYPE
     else:
         dtype = np.dtype(dtype)
         if dtype.kind == "f":

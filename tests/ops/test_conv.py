@@ -1,0 +1,170 @@
+"""conv2d: gradients by central differences, values by a direct loop over output pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import arrays, leaf
+
+import minidiff as md
+import minidiff.functional as F
+from minidiff import kernels
+from minidiff.testing import gradcheck, tolerance
+
+DTYPES = [np.float32, np.float64]
+
+
+def ref_conv2d(x, weight, bias, stride, padding):
+    """Cross-correlation by definition: one dot product per output pixel."""
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    out = np.zeros((n, o, ho, wo))
+    for b in range(n):
+        for f in range(o):
+            for i in range(ho):
+                for j in range(wo):
+                    total = 0.0 if bias is None else bias[f]
+                    for ch in range(c):
+                        for di in range(kh):
+                            for dj in range(kw):
+                                r, s = i * sh + di - ph, j * sw + dj - pw
+                                if 0 <= r < h and 0 <= s < w:
+                                    total += x[b, ch, r, s] * weight[f, ch, di, dj]
+                    out[b, f, i, j] = total
+    return out
+
+
+@st.composite
+def conv_case(draw):
+    n, c, o = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 1)), draw(st.integers(0, 1)))
+    h = draw(st.integers(max(1, kh - 2 * padding[0]), 4))
+    w = draw(st.integers(max(1, kw - 2 * padding[1]), 4))
+    x = draw(arrays((n, c, h, w)))
+    weight = draw(arrays((o, c, kh, kw)))
+    bias = draw(arrays((o,))) if draw(st.booleans()) else None
+    # the same geometry as an int where both sides agree, to cover that form of the argument
+    as_arg = lambda p: p[0] if p[0] == p[1] and draw(st.booleans()) else p  # noqa: E731
+    return x, weight, bias, as_arg(stride), as_arg(padding)
+
+
+def _pairs(stride, padding):
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    return pair(stride), pair(padding)
+
+
+@given(case=conv_case())
+def test_conv2d_gradcheck(case):
+    x, weight, bias, stride, padding = case
+    inputs = [leaf(x), leaf(weight)] + ([leaf(bias)] if bias is not None else [])
+    assert gradcheck(lambda *ts: F.conv2d(*ts, stride=stride, padding=padding), *inputs)
+
+
+@given(case=conv_case())
+def test_conv2d_gradcheck_input_only(case):
+    x, weight, bias, stride, padding = case
+    w = leaf(weight, requires_grad=False)
+    b = None if bias is None else leaf(bias, requires_grad=False)
+    assert gradcheck(lambda t: F.conv2d(t, w, b, stride=stride, padding=padding), leaf(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=conv_case())
+def test_conv2d_forward(dtype, case):
+    x, weight, bias, stride, padding = case
+    tx, tw = md.tensor(x, dtype=dtype), md.tensor(weight, dtype=dtype)
+    tb = None if bias is None else md.tensor(bias, dtype=dtype)
+    up = lambda t: None if t is None else t.numpy().astype(np.float64)  # noqa: E731
+    expected = ref_conv2d(up(tx), up(tw), up(tb), *_pairs(stride, padding))
+    out = F.conv2d(tx, tw, tb, stride=stride, padding=padding)
+    assert out.dtype == dtype and out.shape == expected.shape
+    np.testing.assert_allclose(out.numpy(), expected, **tolerance(dtype))
+
+
+def test_conv2d_identity_kernel():
+    x = np.arange(2 * 3 * 4 * 4, dtype=np.float64).reshape(2, 3, 4, 4)
+    weight = np.zeros((3, 3, 3, 3))
+    for c in range(3):
+        weight[c, c, 1, 1] = 1.0
+    out = F.conv2d(leaf(x), leaf(weight), padding=1)
+    np.testing.assert_array_equal(out.numpy(), x)
+
+
+@pytest.mark.parametrize("impl", sorted(kernels.implementations("im2col")))
+@pytest.mark.parametrize("stride, padding, k", [(1, 0, 3), (2, 1, 3), (1, 0, 1), (2, 1, 2)])
+def test_conv2d_under_each_kernel_implementation(impl, stride, padding, k):
+    rng = np.random.default_rng(k + 10 * stride)
+    x, w, b = rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((3, 2, k, k)), rng.standard_normal(3)
+    with kernels.use(impl):
+        out = F.conv2d(leaf(x), leaf(w), leaf(b), stride=stride, padding=padding)
+        expected = ref_conv2d(x, w, b, (stride, stride), (padding, padding))
+        np.testing.assert_allclose(out.numpy(), expected, **tolerance(np.float64))
+        x_view = np.asfortranarray(x)  # a non-C-contiguous input
+        assert gradcheck(
+            lambda *ts: F.conv2d(*ts, stride=stride, padding=padding), leaf(x_view), leaf(w), leaf(b)
+        )
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+
+
+def _x(shape=(1, 2, 5, 5), dtype=np.float32):
+    return md.tensor(np.ones(shape), dtype=dtype)
+
+
+def test_conv2d_rejects_channel_mismatch():
+    with pytest.raises(
+        ValueError,
+        match=r"conv2d: x has 2 channels \(shape \(1, 2, 5, 5\)\) "
+        r"but weight expects 3 \(shape \(4, 3, 3, 3\)\)",
+    ):
+        F.conv2d(_x(), _x((4, 3, 3, 3)))
+
+
+def test_conv2d_rejects_wrong_ranks():
+    with pytest.raises(ValueError, match=r"conv2d: x must have 4 dims \(N, C, H, W\), got shape \(2, 5, 5\)"):
+        F.conv2d(_x((2, 5, 5)), _x((4, 2, 3, 3)))
+    with pytest.raises(
+        ValueError, match=r"conv2d: weight must have 4 dims \(O, C, kH, kW\), got shape \(4, 2, 3\)"
+    ):
+        F.conv2d(_x(), _x((4, 2, 3)))
+
+
+def test_conv2d_rejects_bad_bias():
+    with pytest.raises(ValueError, match=r"conv2d: bias must have shape \(4,\), got \(3,\)"):
+        F.conv2d(_x(), _x((4, 2, 3, 3)), _x((3,)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"padding": -1}, ValueError, r"conv2d: padding must be >= 0, got -1"),
+        ({"padding": (1, -2)}, ValueError, r"conv2d: padding must be >= 0, got \(1, -2\)"),
+        ({"stride": 0}, ValueError, r"conv2d: stride must be >= 1, got 0"),
+        ({"stride": (1, 2, 3)}, TypeError, r"conv2d: stride must be an int or a pair of ints"),
+        # regression test, minidiff bug fixed in ec78413: a float failed inside tuple(value)
+        ({"stride": 1.5}, TypeError, r"conv2d: stride must be an int or a pair of ints, got 1.5"),
+        ({"padding": 0.5}, TypeError, r"conv2d: padding must be an int or a pair of ints, got 0.5"),
+    ],
+)
+def test_conv2d_rejects_bad_geometry(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        F.conv2d(_x(), _x((4, 2, 3, 3)), **kwargs)
+
+
+def test_conv2d_rejects_kernel_larger_than_input():
+    with pytest.raises(ValueError, match=r"conv2d: kernel \(8, 3\) is larger than the padded input \(5, 5\)"):
+        F.conv2d(_x(), _x((4, 2, 8, 3)), padding=1)
+
+
+def test_conv2d_rejects_dtypes():
+    with pytest.raises(TypeError, match=r"conv2d: x has dtype int64"):
+        F.conv2d(md.tensor(np.ones((1, 2, 5, 5), dtype=np.int64)), _x((4, 2, 3, 3)))
+    with pytest.raises(TypeError, match=r"(?i)conv2d.*float32.*float64"):
+        F.conv2d(_x(), _x((4, 2, 3, 3), dtype=np.float64))

@@ -1,0 +1,224 @@
+"""Normalization: group_norm (a fused kernel) and layer_norm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import arrays, leaf
+
+import minidiff as md
+import minidiff.functional as F
+from minidiff import kernels
+from minidiff.testing import gradcheck, tolerance
+
+DTYPES = [np.float32, np.float64]
+EPS = 1e-5
+
+
+def ref_group_norm(x, groups, weight, bias, eps):
+    """Loop over (sample, group): mean, biased variance, normalize; then the affine per channel."""
+    n, c = x.shape[:2]
+    per = c // groups
+    out = np.empty_like(x, dtype=np.float64)
+    for b in range(n):
+        for g in range(groups):
+            block = x[b, g * per : (g + 1) * per].astype(np.float64)
+            mean = block.sum() / block.size
+            var = ((block - mean) ** 2).sum() / block.size
+            out[b, g * per : (g + 1) * per] = (block - mean) / np.sqrt(var + eps)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+# Affine variants. "weight only" is a known bug (see test_group_norm_with_weight_only), so the
+# property tests draw from the others.
+AFFINE = ["none", "both", "bias"]
+
+
+@st.composite
+def group_norm_case(draw, affine=None):
+    groups = draw(st.integers(1, 3))
+    c = groups * draw(st.integers(1, 2))
+    n = draw(st.integers(1, 2))
+    spatial = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    if n * c * int(np.prod(spatial)) > 36:
+        spatial = spatial[:1]
+    # a variance well above eps: the numerical derivative of 1/sqrt(var + eps) stays accurate
+    x = draw(arrays((n, c) + spatial))
+    x += np.linspace(-2.0, 2.0, x.size).reshape(x.shape)
+    affine = draw(st.sampled_from(AFFINE)) if affine is None else affine
+    weight = draw(arrays((c,))) if affine in ("both", "weight") else None
+    bias = draw(arrays((c,))) if affine in ("both", "bias") else None
+    return x, groups, weight, bias
+
+
+def _inputs(*arrays_):
+    return [leaf(a) for a in arrays_ if a is not None]
+
+
+def _call_group_norm(x, groups, weight, bias):
+    """Build the call from whichever of weight/bias are given."""
+
+    def fn(*ts):
+        it = iter(ts)
+        t = next(it)
+        w = next(it) if weight is not None else None
+        b = next(it) if bias is not None else None
+        return F.group_norm(t, groups, weight=w, bias=b, eps=EPS)
+
+    return fn
+
+
+@given(case=group_norm_case())
+def test_group_norm_gradcheck(case):
+    x, groups, weight, bias = case
+    assert gradcheck(_call_group_norm(x, groups, weight, bias), *_inputs(x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=group_norm_case())
+def test_group_norm_forward(dtype, case):
+    x, groups, weight, bias = case
+    cast = lambda a: None if a is None else md.tensor(a, dtype=dtype)  # noqa: E731
+    tx, tw, tb = cast(x), cast(weight), cast(bias)
+    up = lambda t: None if t is None else t.numpy().astype(np.float64)  # noqa: E731
+    expected = ref_group_norm(up(tx), groups, up(tw), up(tb), EPS)
+    out = F.group_norm(tx, groups, weight=tw, bias=tb, eps=EPS)
+    assert out.dtype == dtype and out.shape == x.shape
+    np.testing.assert_allclose(out.numpy(), expected, **tolerance(dtype))
+
+
+# Regression test, minidiff bug fixed in ec78413: functional.group_norm fills in a weight of ones
+# when only bias is given, but not a bias of zeros when only weight is given, so the kernel raises
+# 'pass both weight and bias, or neither'
+def test_group_norm_with_weight_only():
+    rng = np.random.default_rng(0)
+    x, weight = rng.standard_normal((2, 4, 3)), rng.standard_normal(4)
+    out = F.group_norm(leaf(x), 2, weight=leaf(weight), eps=EPS)
+    np.testing.assert_allclose(out.numpy(), ref_group_norm(x, 2, weight, None, EPS), **tolerance(np.float64))
+    assert gradcheck(lambda t, w: F.group_norm(t, 2, weight=w, eps=EPS), leaf(x), leaf(weight))
+
+
+def ref_layer_norm(x, k, weight, bias, eps):
+    lead = x.shape[: x.ndim - k]
+    rows = x.reshape(lead + (-1,)).astype(np.float64)
+    out = np.empty_like(rows)
+    for idx in np.ndindex(*lead):
+        row = rows[idx]
+        mean = row.sum() / row.size
+        var = ((row - mean) ** 2).sum() / row.size
+        out[idx] = (row - mean) / np.sqrt(var + eps)
+    out = out.reshape(x.shape)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+@st.composite
+def layer_norm_case(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    if int(np.prod(shape)) > 36:
+        shape = shape[-2:]
+    k = draw(st.integers(1, len(shape)))
+    x = draw(arrays(shape))
+    x += np.linspace(-2.0, 2.0, x.size).reshape(x.shape)  # variance well above eps
+    normalized = shape[len(shape) - k :]
+    weight = draw(arrays(normalized)) if draw(st.booleans()) else None
+    bias = draw(arrays(normalized)) if draw(st.booleans()) else None
+    as_int = k == 1 and draw(st.booleans())
+    return x, (normalized[0] if as_int else normalized), weight, bias
+
+
+def _call_layer_norm(normalized, weight, bias):
+    def fn(*ts):
+        it = iter(ts)
+        t = next(it)
+        w = next(it) if weight is not None else None
+        b = next(it) if bias is not None else None
+        return F.layer_norm(t, normalized, weight=w, bias=b, eps=EPS)
+
+    return fn
+
+
+@given(case=layer_norm_case())
+def test_layer_norm_gradcheck(case):
+    x, normalized, weight, bias = case
+    assert gradcheck(_call_layer_norm(normalized, weight, bias), *_inputs(x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=layer_norm_case())
+def test_layer_norm_forward(dtype, case):
+    x, normalized, weight, bias = case
+    k = 1 if isinstance(normalized, int) else len(normalized)
+    cast = lambda a: None if a is None else md.tensor(a, dtype=dtype)  # noqa: E731
+    tx, tw, tb = cast(x), cast(weight), cast(bias)
+    up = lambda t: None if t is None else t.numpy().astype(np.float64)  # noqa: E731
+    expected = ref_layer_norm(up(tx), k, up(tw), up(tb), EPS)
+    out = F.layer_norm(tx, normalized, weight=tw, bias=tb, eps=EPS)
+    assert out.dtype == dtype and out.shape == x.shape
+    np.testing.assert_allclose(out.numpy(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("impl", sorted(kernels.implementations("group_norm_forward")))
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_under_each_kernel_implementation(impl, affine):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 3, 2)) * 2 + 1
+    w, b = (rng.standard_normal(4), rng.standard_normal(4)) if affine else (None, None)
+    with kernels.use(impl):
+        out = F.group_norm(
+            leaf(x), 2, None if w is None else leaf(w), None if b is None else leaf(b), eps=EPS
+        )
+        np.testing.assert_allclose(out.numpy(), ref_group_norm(x, 2, w, b, EPS), **tolerance(np.float64))
+        x_view = np.asfortranarray(x)
+        assert gradcheck(_call_group_norm(x, 2, w, b), *_inputs(x_view, w, b))
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+
+def test_group_norm_rejects_group_count_that_does_not_divide_channels():
+    x = md.tensor(np.ones((2, 6, 3)))
+    for groups in (4, 0, -2, 2.0):
+        with pytest.raises(
+            ValueError,
+            match=rf"group_norm: num_groups={groups!r} must be a positive divisor of the 6 channels "
+            r"of x \(shape \(2, 6, 3\)\)",
+        ):
+            F.group_norm(x, groups)
+
+
+def test_group_norm_rejects_bad_shapes_and_dtypes():
+    with pytest.raises(
+        ValueError, match=r"group_norm: x must have at least 2 dims \(N, C, ...\), got shape \(6,\)"
+    ):
+        F.group_norm(md.tensor(np.ones(6)), 2)
+    x = md.tensor(np.ones((2, 6, 3)))
+    with pytest.raises(ValueError, match=r"group_norm: weight must have shape \(6,\), got \(3,\)"):
+        F.group_norm(x, 2, weight=md.tensor(np.ones(3)), bias=md.tensor(np.ones(6)))
+    with pytest.raises(ValueError, match=r"group_norm: bias must have shape \(6,\), got \(2, 3\)"):
+        F.group_norm(x, 2, weight=md.tensor(np.ones(6)), bias=md.tensor(np.ones((2, 3))))
+    with pytest.raises(TypeError, match=r"group_norm: x has dtype int64"):
+        F.group_norm(md.tensor(np.ones((2, 6), dtype=np.int64)), 2)
+
+
+def test_layer_norm_rejects_bad_shapes():
+    x = md.tensor(np.ones((2, 3, 4)))
+    for normalized in [(3,), (2, 3), 5, ()]:
+        with pytest.raises(
+            ValueError, match=r"layer_norm: normalized_shape .* does not end x's shape \(2, 3, 4\)"
+        ):
+            F.layer_norm(x, normalized)
+    with pytest.raises(ValueError, match=r"layer_norm: weight must have shape \(3, 4\), got \(4,\)"):
+        F.layer_norm(x, (3, 4), weight=md.tensor(np.ones(4)))
+    with pytest.raises(TypeError, match=r"layer_norm: x has dtype int64"):
+        F.layer_norm(md.tensor(np.ones((2, 3), dtype=np.int64)), 3)
