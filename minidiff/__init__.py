@@ -1,6 +1,6 @@
 """minidiff: diffusion models and reverse-mode autodiff, from scratch on NumPy and CuPy."""
 
-from . import functional
+from . import diffusion, functional, nn, optim
 from .autograd import Function, is_grad_enabled, no_grad
 from .backend import Device, cuda_available
 from .tensor import Tensor, ones, randn, tensor, zeros
@@ -12,9 +12,12 @@ __all__ = [
     "Function",
     "Tensor",
     "cuda_available",
+    "diffusion",
     "functional",
     "is_grad_enabled",
+    "nn",
     "no_grad",
+    "optim",
     "ones",
     "randn",
     "tensor",

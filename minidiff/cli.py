@@ -49,6 +49,144 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import json
+    from pathlib import Path
+
+    from minidiff import io
+    from minidiff.train import TrainConfig, Trainer
+
+    out = Path(args.out)
+    has_run = (out / "checkpoints" / io.LATEST).is_file()
+    if args.resume:
+        if not has_run:
+            raise SystemExit(f"minidiff train: nothing to resume: {out} holds no checkpoint")
+        if args.config or args.dataset or args.batch_size or args.lr:
+            raise SystemExit("minidiff train: --resume continues the saved config; only --steps may change")
+        trainer = Trainer.resume(out, progress=not args.quiet, steps=args.steps)
+        print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
+    else:
+        if has_run:
+            raise SystemExit(
+                f"minidiff train: {out} already holds a run; pass --resume to continue it, or choose "
+                "another --out"
+            )
+        values = {}
+        if args.config:
+            try:
+                values = json.loads(Path(args.config).read_text())
+            except FileNotFoundError:
+                raise SystemExit(f"minidiff train: config file {args.config} does not exist") from None
+            except json.JSONDecodeError as exc:
+                raise SystemExit(
+                    f"minidiff train: config file {args.config} is not valid JSON: {exc}"
+                ) from None
+        for key in ("dataset", "steps", "batch_size", "lr", "seed"):
+            if getattr(args, key) is not None:
+                values[key] = getattr(args, key)
+        trainer = Trainer(TrainConfig.from_dict(values), out, progress=not args.quiet)
+    result = trainer.fit()
+    print(
+        f"{result['status']} at step {result['step']}: samples in {out / 'samples'}, "
+        f"loss curve {out / 'loss.png'}, checkpoints in {out / 'checkpoints'}"
+    )
+    return 0 if result["status"] in ("finished", "interrupted") else 1
+
+
+def cmd_sample(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from minidiff.data import save_grid, to_uint8
+    from minidiff.diffusion import ddim_sample, ddpm_sample
+    from minidiff.train import load_model
+
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npy"):
+        raise SystemExit(f"minidiff sample: --out must end in .png or .npy, got {out}")
+    model, diffusion, state = load_model(args.checkpoint, weights="model" if args.raw_weights else "ema")
+    num_classes = state["num_classes"]
+    y = None
+    if num_classes is not None:
+        if args.class_label is not None and not 0 <= args.class_label < num_classes:
+            raise SystemExit(
+                f"minidiff sample: --class must be in [0, {num_classes}), got {args.class_label}"
+            )
+        y = (
+            np.full(args.num, args.class_label)
+            if args.class_label is not None
+            else np.arange(args.num) % num_classes
+        )
+    elif args.class_label is not None or args.guidance is not None:
+        raise SystemExit("minidiff sample: this model is not class-conditional (no --class/--guidance)")
+    shape = (args.num, *state["image_shape"])
+    common = dict(generator=args.seed, y=y, guidance=args.guidance, null_class=num_classes)
+    if args.sampler == "ddpm":
+        images = ddpm_sample(model, diffusion, shape, **common)
+    else:
+        images = ddim_sample(model, diffusion, shape, steps=args.steps, eta=args.eta, **common)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, to_uint8(images))
+    else:
+        save_grid(images, out, nrow=None)
+    print(f"wrote {args.num} samples to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import numpy as np
+
+    from minidiff.data import load_dataset
+    from minidiff.diffusion import ddim_sample
+    from minidiff.metrics import features_and_probs, fid_from_features, sample_quality, train_classifier
+    from minidiff.train import TrainConfig, load_model
+
+    model, diffusion, state = load_model(args.checkpoint)
+    config = TrainConfig.from_dict(state["config"])
+    data = load_dataset(config.dataset, image_size=config.image_size)
+    if args.metric == "bpd":
+        rng = np.random.default_rng(args.seed)
+        idx = rng.choice(len(data), size=min(args.num, len(data)), replace=False)
+        y = data.labels[idx] if state["num_classes"] is not None else None
+        result = diffusion.bits_per_dim(
+            model, data.images[idx], timesteps=args.timesteps or None, y=y, generator=rng
+        )
+        print(
+            f"bits/dim {result['total'].mean():.4f} (prior {result['prior'].mean():.4f}, "
+            f"diffusion terms {result['terms'].mean():.4f}, decoder {result['decoder'].mean():.4f}) "
+            f"over {len(idx)} images, {args.timesteps or diffusion.T} timesteps"
+        )
+        return 0
+    if data.labels is None:
+        raise SystemExit("minidiff eval: FID uses a classifier trained on the labels; this dataset has none")
+    classifier = train_classifier(data.images, data.labels, data.num_classes)
+    num_classes = state["num_classes"]
+    y = np.arange(args.num) % num_classes if num_classes is not None else None
+    samples = ddim_sample(
+        model,
+        diffusion,
+        (args.num, *state["image_shape"]),
+        steps=args.steps,
+        generator=args.seed,
+        y=y,
+        null_class=num_classes,
+    )
+    quality = sample_quality(classifier, samples, data.images)
+    half = len(data) // 2
+    real_feats, _ = features_and_probs(classifier, data.images)
+    print(
+        f"FID (minidiff classifier features, not Inception) {quality['fid']:.3f}; "
+        f"between two halves of the real data {fid_from_features(real_feats[:half], real_feats[half:]):.3f}"
+    )
+    print(
+        f"mean classifier confidence {quality['mean_confidence']:.3f}; "
+        f"class histogram {quality['class_histogram']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minidiff",
@@ -56,11 +194,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser(
-        "info", help="versions, devices and available kernel implementations",
+        "info",
+        help="versions, devices and available kernel implementations",
         description="Print versions, devices (CPU; GPU via CuPy, or why not) and which kernel "
         "implementations (reference, numba, native) are available.",
     )
     info.set_defaults(run=cmd_info)
+
+    train = commands.add_parser(
+        "train",
+        help="train a DDPM (default: the bundled digits)",
+        description="Train a DDPM U-Net. Writes checkpoints, loss.csv, loss.png and sample grids "
+        "to --out. Ctrl-C saves a checkpoint; --resume continues from the newest one.",
+    )
+    train.add_argument("--dataset", help="digits (default) | mnist:PATH | cifar10:PATH | folder:PATH")
+    train.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
+    train.add_argument("--steps", type=int, help="training steps")
+    train.add_argument("--batch-size", type=int, help="images per step")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--config", help="JSON file of TrainConfig fields")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=cmd_train)
+
+    sample = commands.add_parser(
+        "sample",
+        help="generate images from a checkpoint",
+        description="Sample images with DDPM or DDIM. .png writes a grid, .npy a uint8 array (N, C, H, W).",
+    )
+    sample.add_argument("--checkpoint", required=True, help="a run folder or a checkpoint folder")
+    sample.add_argument("--num", type=int, default=20, help="number of images")
+    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    sample.add_argument(
+        "--class", dest="class_label", type=int, help="class to generate (conditional models)"
+    )
+    sample.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (1: plain conditional)"
+    )
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--raw-weights", action="store_true", help="use the training weights, not the EMA")
+    sample.add_argument("--out", required=True, help="FILE.png or FILE.npy")
+    sample.set_defaults(run=cmd_sample)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="FID (on minidiff's own classifier) or bits per dimension",
+        description="fid: Frechet distance between samples and the data on the features of a small "
+        "classifier minidiff trains on the dataset (not Inception FID: not comparable with published "
+        "numbers), plus mean confidence and class histogram. bpd: the variational bound in bits/dim.",
+    )
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--metric", choices=("fid", "bpd"), required=True)
+    evaluate.add_argument("--num", type=int, default=500, help="samples (fid) or images (bpd)")
+    evaluate.add_argument("--steps", type=int, default=50, help="DDIM steps for fid samples")
+    evaluate.add_argument(
+        "--timesteps",
+        type=int,
+        default=100,
+        help="bpd: random timesteps per image for the estimate (0: all T)",
+    )
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 
@@ -70,7 +267,13 @@ def main(argv=None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    return args.run(args)
+    from minidiff.io import CheckpointError
+
+    try:
+        return args.run(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"minidiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,34 @@
+"""Evaluation: Frechet distance on minidiff's own classifier features, sample
+confidence and class histograms. (Bits per dimension lives with the diffusion
+process: ``GaussianDiffusion.bits_per_dim``.)"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .classifier import FeatureClassifier, features_and_probs, train_classifier
+from .fid import fid_from_features, frechet_distance, gaussian_fit
+
+
+def sample_quality(classifier, samples, reference_images) -> dict:
+    """FID of ``samples`` against ``reference_images`` on the classifier's features,
+    the classifier's mean confidence on the samples, and their class histogram."""
+    f_samples, p_samples = features_and_probs(classifier, samples)
+    f_ref, _ = features_and_probs(classifier, reference_images)
+    predicted = p_samples.argmax(axis=1)
+    return {
+        "fid": fid_from_features(f_samples, f_ref),
+        "mean_confidence": float(p_samples.max(axis=1).mean()),
+        "class_histogram": np.bincount(predicted, minlength=p_samples.shape[1]).tolist(),
+    }
+
+
+__all__ = [
+    "FeatureClassifier",
+    "features_and_probs",
+    "fid_from_features",
+    "frechet_distance",
+    "gaussian_fit",
+    "sample_quality",
+    "train_classifier",
+]
