@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
     if args.resume:
         if not has_run:
             raise SystemExit(f"minidiff train: nothing to resume: {out} holds no checkpoint")
-        if args.config or args.dataset or args.batch_size or args.lr:
+        if any(getattr(args, k) is not None for k in ("config", "dataset", "batch_size", "lr", "seed")):
             raise SystemExit("minidiff train: --resume continues the saved config; only --steps may change")
         trainer = Trainer.resume(out, progress=not args.quiet, steps=args.steps)
         print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
@@ -136,55 +136,31 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import numpy as np
+    from minidiff.evaluate import bits_per_dim_report, sample_quality_report
 
-    from minidiff.data import load_dataset
-    from minidiff.diffusion import ddim_sample
-    from minidiff.metrics import features_and_probs, fid_from_features, sample_quality, train_classifier
-    from minidiff.train import TrainConfig, load_model
-
-    model, diffusion, state = load_model(args.checkpoint)
-    config = TrainConfig.from_dict(state["config"])
-    data = load_dataset(config.dataset, image_size=config.image_size)
     if args.metric == "bpd":
-        rng = np.random.default_rng(args.seed)
-        idx = rng.choice(len(data), size=min(args.num, len(data)), replace=False)
-        y = data.labels[idx] if state["num_classes"] is not None else None
-        result = diffusion.bits_per_dim(
-            model, data.images[idx], timesteps=args.timesteps or None, y=y, generator=rng
-        )
+        r = bits_per_dim_report(args.checkpoint, num=args.num, timesteps=args.timesteps, seed=args.seed)
         print(
-            f"bits/dim {result['total'].mean():.4f} (prior {result['prior'].mean():.4f}, "
-            f"diffusion terms {result['terms'].mean():.4f}, decoder {result['decoder'].mean():.4f}) "
-            f"over {len(idx)} images, {args.timesteps or diffusion.T} timesteps"
+            f"bits/dim {r['total']:.4f} (prior {r['prior']:.4f}, diffusion terms {r['terms']:.4f}, "
+            f"decoder {r['decoder']:.4f}) over {r['num_images']} held-out images, {r['timesteps']} timesteps"
         )
         return 0
-    if data.labels is None:
-        raise SystemExit("minidiff eval: FID uses a classifier trained on the labels; this dataset has none")
-    classifier = train_classifier(data.images, data.labels, data.num_classes)
-    num_classes = state["num_classes"]
-    y = np.arange(args.num) % num_classes if num_classes is not None else None
-    samples = ddim_sample(
-        model,
-        diffusion,
-        (args.num, *state["image_shape"]),
-        steps=args.steps,
-        generator=args.seed,
-        y=y,
-        null_class=num_classes,
-    )
-    quality = sample_quality(classifier, samples, data.images)
-    half = len(data) // 2
-    real_feats, _ = features_and_probs(classifier, data.images)
-    print(
-        f"FID (minidiff classifier features, not Inception) {quality['fid']:.3f}; "
-        f"between two halves of the real data {fid_from_features(real_feats[:half], real_feats[half:]):.3f}"
+    r = sample_quality_report(
+        args.checkpoint, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed
     )
     print(
-        f"mean classifier confidence {quality['mean_confidence']:.3f}; "
-        f"class histogram {quality['class_histogram']}"
+        f"FID (minidiff classifier features, not Inception) {r['fid']:.3f} against held-out images; "
+        f"{r['real_fid']:.3f} for as many real training images"
     )
+    print(f"mean classifier confidence {r['mean_confidence']:.3f}; class histogram {r['class_histogram']}")
     return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--dataset", help="digits (default) | mnist:PATH | cifar10:PATH | folder:PATH")
     train.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
-    train.add_argument("--steps", type=int, help="training steps")
-    train.add_argument("--batch-size", type=int, help="images per step")
+    train.add_argument("--steps", type=positive_int, help="training steps")
+    train.add_argument("--batch-size", type=positive_int, help="images per step")
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--seed", type=int, help="random seed")
     train.add_argument("--config", help="JSON file of TrainConfig fields")
@@ -224,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample images with DDPM or DDIM. .png writes a grid, .npy a uint8 array (N, C, H, W).",
     )
     sample.add_argument("--checkpoint", required=True, help="a run folder or a checkpoint folder")
-    sample.add_argument("--num", type=int, default=20, help="number of images")
+    sample.add_argument("--num", type=positive_int, default=20, help="number of images")
     sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
     sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
@@ -248,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--metric", choices=("fid", "bpd"), required=True)
-    evaluate.add_argument("--num", type=int, default=500, help="samples (fid) or images (bpd)")
+    evaluate.add_argument("--num", type=positive_int, default=500, help="samples (fid) or images (bpd)")
     evaluate.add_argument("--steps", type=int, default=50, help="DDIM steps for fid samples")
+    evaluate.add_argument("--guidance", type=float, help="classifier-free guidance for fid samples")
     evaluate.add_argument(
         "--timesteps",
         type=int,

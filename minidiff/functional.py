@@ -161,9 +161,8 @@ def relu(x) -> Tensor:
 
 
 def silu(x) -> Tensor:
-    """x * sigmoid(x), composed from two primitives."""
-    x = _float_tensor(x, "silu", "x")
-    return x * sigmoid(x)
+    """x * sigmoid(x) (also called swish)."""
+    return _unary(elementwise.Silu, x, "silu")
 
 
 def gelu(x, approximate: str = "none") -> Tensor:
@@ -340,6 +339,7 @@ def concat(tensors, axis=0) -> Tensor:
     tensors = _same_kind(tensors, "concat")
     ndim = tensors[0].ndim
     axis = _axis(axis, ndim, "concat")
+
     def outside(shape):
         return shape[:axis] + shape[axis + 1 :]
 

@@ -64,7 +64,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _atomic_write_text(root / LATEST, name + "\n")
-    checkpoints = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Only checkpoint directories are pruned (other folders here are the user's),
+    # oldest written first, never the one just written.
+    checkpoints = sorted(
+        (
+            p
+            for p in root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / STATE_FILE).is_file()
+        ),
+        key=lambda p: (p / STATE_FILE).stat().st_mtime_ns,
+    )
     for old in checkpoints[: max(len(checkpoints) - keep, 0)]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -80,6 +89,10 @@ def resolve_checkpoint(path) -> Path:
     for root in (path, path / "checkpoints"):
         if (root / LATEST).is_file():
             name = (root / LATEST).read_text().strip()
+            if not name or name in (".", "..") or "/" in name or "\\" in name:
+                raise CheckpointError(
+                    f"{root / LATEST} is corrupt: it should name a checkpoint folder, got {name!r}"
+                )
             if not (root / name).is_dir():
                 raise CheckpointError(f"{root / LATEST} names {name!r}, which is not in {root}")
             return root / name

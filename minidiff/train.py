@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class TrainConfig:
 
     dataset: str = "digits"
     image_size: int | None = None
+    holdout: float = 0.1  # share of the images kept out of training, for evaluation
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
@@ -93,12 +95,32 @@ class TrainConfig:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"config: lr must be positive, got {self.lr}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"config: holdout must be in [0, 1), got {self.holdout}")
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"config: class_dropout must be in [0, 1), got {self.class_dropout}")
 
 
+def load_split(config: TrainConfig):
+    """(training images, held-out images or None), the same for every run with this config."""
+    data = load_dataset(config.dataset, image_size=config.image_size)
+    if not config.holdout:
+        return data, None
+    return data.split(config.holdout, seed=config.seed)
+
+
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def _loss_rows_up_to(path: Path, step: int) -> list[list[str]]:
+    """The rows of an existing loss.csv up to ``step`` (none for a fresh run)."""
+    if step == 0 or not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [
+            [row["step"], row["loss"], row["lr"]] for row in csv.DictReader(f) if int(row["step"]) <= step
+        ]
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -113,7 +135,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, out_dir, progress=True):
         config.validate()
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
-        self.dataset = load_dataset(config.dataset, image_size=config.image_size)
+        self.dataset, self.held_out = load_split(config)
         images = self.dataset.images
         num_classes = self.dataset.num_classes if config.class_conditional else None
         m = config.model
@@ -210,7 +232,10 @@ class Trainer:
         """Rebuild a trainer from the newest checkpoint under ``out_dir``
         (``steps`` may raise the target step count)."""
         arrays, state, where = io.load_checkpoint(Path(out_dir), groups=("model", "ema", "optimizer"))
-        config = TrainConfig.from_dict(state["config"])
+        try:
+            config = TrainConfig.from_dict(state["config"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise io.CheckpointError(f"checkpoint {where} has no usable config: {exc}") from None
         if steps is not None:
             config.steps = steps
         trainer = cls(config, out_dir, progress=progress)
@@ -245,12 +270,15 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
         log_path = self.out_dir / "loss.csv"
-        new_log = not log_path.exists() or self.step == 0
-        log = open(log_path, "w" if new_log else "a", newline="")
+        rows = _loss_rows_up_to(log_path, self.step)  # rows past a resumed step are redone
+        log = open(log_path, "w", newline="")
         writer = csv.writer(log)
-        if new_log:
-            writer.writerow(["step", "loss", "lr"])
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        writer.writerow(["step", "loss", "lr"])
+        writer.writerows(rows)
+        self._stop_requested = False
+        # signal handlers can only be installed from the main thread
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous_handler = signal.signal(signal.SIGINT, self._request_stop) if in_main_thread else None
         bar = tqdm(
             total=self.config.steps,
             initial=self.step,
@@ -285,7 +313,8 @@ class Trainer:
         finally:
             bar.close()
             log.close()
-            signal.signal(signal.SIGINT, previous_handler)
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous_handler)
             plot_loss(log_path, self.out_dir / "loss.png")
         if status == "interrupted":
             print(f"interrupted at step {self.step}; checkpoint saved, resume with --resume")

@@ -43,11 +43,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINIDIFF_CACHE", Path.home() / ".cache" / "minidiff"))
 
 
-def _fingerprint(images, labels, seed, epochs) -> str:
+def _fingerprint(images, labels, **settings) -> str:
+    """A key for the cache: the data and every setting that changes the weights."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
     h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    h.update(f"v{CLASSIFIER_VERSION}-seed{seed}-epochs{epochs}".encode())
+    h.update(repr(sorted({"version": CLASSIFIER_VERSION, **settings}.items())).encode())
     return h.hexdigest()[:16]
 
 
@@ -68,8 +69,13 @@ def train_classifier(
         raise ValueError(
             f"train_classifier: images must be square with a side divisible by 4, got {images.shape}"
         )
+    if len(images) < batch_size:
+        raise ValueError(f"train_classifier: {len(images)} images are fewer than one batch of {batch_size}")
     model = FeatureClassifier(images.shape[1], images.shape[-1], num_classes, seed=seed)
-    path = cache_dir() / f"classifier-{_fingerprint(images, labels, seed, epochs)}.safetensors"
+    key = _fingerprint(
+        images, labels, num_classes=num_classes, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+    )
+    path = cache_dir() / f"classifier-{key}.safetensors"
     if use_cache and path.is_file():
         try:
             model.load_state_dict(load_file(str(path)))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .. import kernels
 from ..autograd import Function
-from ..backend import get_array_module
 
 
 class Conv2d(Function):
@@ -40,14 +39,14 @@ class Conv2d(Function):
 
     def backward(self, gy):
         x, weight = self.saved
-        xp = get_array_module(x)
         o, _, kh, kw = weight.shape
         g = gy.reshape(gy.shape[0], o, -1)  # (N, O, L)
         gx = gw = gb = None
         if self.needs_input_grad[1]:
             cols = self._unfold(x, kh, kw)
-            # sum over samples and positions in one GEMM
-            gw = xp.tensordot(g, cols, axes=([0, 2], [0, 2])).reshape(weight.shape)
+            # one GEMM per sample (BLAS reads cols transposed in place), then a sum
+            # over samples: cheaper than the transposed copies a single GEMM needs
+            gw = (g @ cols.swapaxes(1, 2)).sum(axis=0).reshape(weight.shape)
         if self.needs_input_grad[0]:
             gcols = weight.reshape(o, -1).T @ g  # (N, C*kH*kW, L)
             if self._is_pointwise(kh, kw):

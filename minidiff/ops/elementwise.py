@@ -144,11 +144,20 @@ class Tanh(Function):
         return g * (1 - y * y)
 
 
+def special(xp):
+    """scipy.special for NumPy arrays, cupyx.scipy.special for CuPy arrays."""
+    if xp.__name__ == "numpy":
+        import scipy.special
+
+        return scipy.special
+    import cupyx.scipy.special  # pragma: no cover - needs a GPU
+
+    return cupyx.scipy.special  # pragma: no cover
+
+
 def sigmoid_array(x):
-    """1 / (1 + exp(-x)) without overflow: exp only ever sees -|x|."""
-    xp = get_array_module(x)
-    e = xp.exp(-abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    """1 / (1 + exp(-x)), with SciPy's overflow-free ufunc (expit)."""
+    return special(get_array_module(x)).expit(x)
 
 
 class Sigmoid(Function):
@@ -162,6 +171,20 @@ class Sigmoid(Function):
         return g * y * (1 - y)
 
 
+class Silu(Function):
+    """x * sigmoid(x) as one node: one saved sigmoid instead of a second graph node."""
+
+    def forward(self, x):
+        s = sigmoid_array(x)
+        self.save_for_backward(x, s)
+        return x * s
+
+    def backward(self, g):
+        x, s = self.saved
+        # d/dx x s(x) = s + x s (1 - s) = s (1 + x (1 - s))
+        return g * s * (1 + x * (1 - s))
+
+
 class Relu(Function):
     def forward(self, x):
         self.save_for_backward(x > 0)
@@ -173,12 +196,7 @@ class Relu(Function):
 
 
 def _erf(x):
-    xp = get_array_module(x)
-    if xp.__name__ == "numpy":
-        from scipy.special import erf
-    else:  # pragma: no cover - needs a GPU
-        from cupyx.scipy.special import erf
-    return erf(x)
+    return special(get_array_module(x)).erf(x)
 
 
 class Gelu(Function):
