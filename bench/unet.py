@@ -2,8 +2,9 @@
 
 Same architecture on both sides (parameter counts are checked equal), the same
 batch, run in one process: the median of repeated runs after warm-up, and the
-ratio minidiff / PyTorch (below 1 means minidiff is faster). Peak resident
-memory of a training step is measured in a fresh subprocess per framework.
+ratio minidiff / PyTorch (below 1 means minidiff is faster). Each framework
+runs in a fresh subprocess, with its own threading defaults, which also gives
+its peak resident memory during training.
 
     python bench/unet.py                     # UNet(1, 32, (1,2,2), 1, (8,), 32, norm_groups=8), batch 32
     python bench/unet.py --batch 64 --image-size 16 --mults 1 2
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -94,21 +96,29 @@ def make_steps(framework, cfg, batch, seed=0):
     return train_step, sample_forward, sum(p.numel() for p in model.parameters())
 
 
-def peak_memory_mb(framework, cfg, batch) -> float:
-    """Peak resident memory (MiB) of a process that runs three training steps."""
-    code = (
-        "import json, resource, sys; sys.path.insert(0, sys.argv[1]); import unet as b; "
-        "step, _, _ = b.make_steps(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])); "
-        "[step() for _ in range(3)]; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    )
+def measure(framework, cfg, batch, repeats) -> dict:
+    """Time the training step and the sampling forward pass; the peak resident memory
+    of this process (it runs nothing else) is that of the training steps."""
+    if framework == "torch":
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    train_step, sample_forward, params = make_steps(framework, cfg, batch)
+    result = {"params": params, "train_ms": median_ms(train_step, repeats)}
+    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["sample_ms"] = median_ms(sample_forward, repeats)
+    return result
+
+
+def measure_in_subprocess(framework, cfg, batch, repeats) -> dict:
+    """Each framework in a fresh process: its own threading defaults, its own peak memory."""
     out = subprocess.run(
-        [sys.executable, "-c", code, str(HERE), framework, json.dumps(cfg), str(batch)],
+        [sys.executable, __file__, "--worker", framework, "--worker-args", json.dumps([cfg, batch, repeats])],
         capture_output=True,
         text=True,
         check=True,
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -121,12 +131,15 @@ def main(argv=None) -> int:
     parser.add_argument("--mults", type=int, nargs="+", default=[1, 2, 2])
     parser.add_argument("--norm-groups", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", default=str(HERE / "unet.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args.worker, *json.loads(args.worker_args))))
+        return 0
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
     cfg = dict(
         in_channels=1,
         base_channels=args.channels,
@@ -136,16 +149,7 @@ def main(argv=None) -> int:
         image_size=args.image_size,
         norm_groups=args.norm_groups,
     )
-    results = {}
-    for framework in ("minidiff", "torch"):
-        train_step, sample_forward, params = make_steps(framework, cfg, args.batch)
-        results[framework] = {
-            "params": params,
-            "train_ms": median_ms(train_step, args.repeats),
-            "sample_ms": median_ms(sample_forward, args.repeats),
-        }
-        if not args.no_memory:
-            results[framework]["peak_mb"] = peak_memory_mb(framework, cfg, args.batch)
+    results = {fw: measure_in_subprocess(fw, cfg, args.batch, args.repeats) for fw in ("minidiff", "torch")}
     if results["minidiff"]["params"] != results["torch"]["params"]:
         raise SystemExit(f"parameter counts differ: {results}")
     report = {
@@ -162,9 +166,11 @@ def main(argv=None) -> int:
         f"median of {args.repeats}"
     )
     print(f"{'':<26}{'minidiff':>12}{'PyTorch':>12}{'ratio':>8}")
-    rows = [("training step (ms)", "train_ms"), ("sampling forward (ms)", "sample_ms")]
-    if not args.no_memory:
-        rows.append(("peak memory, train (MiB)", "peak_mb"))
+    rows = [
+        ("training step (ms)", "train_ms"),
+        ("sampling forward (ms)", "sample_ms"),
+        ("peak memory, train (MiB)", "peak_mb"),
+    ]
     for name, key in rows:
         print(f"{name:<26}{md[key]:>12.1f}{pt[key]:>12.1f}{md[key] / pt[key]:>8.2f}")
     return 0

@@ -26,6 +26,13 @@ _FASTEST_FIRST = ("native", "numba", "reference")
 ENV_VAR = "MINIDIFF_KERNELS"
 
 
+# OpenMP worker threads busy-wait after a parallel kernel by default; on a machine with few
+# cores they then steal the cores from the BLAS matrix product that usually comes next (about
+# a quarter of the GEMM time of a U-Net step on 2 cores). Passive waiting costs a few
+# microseconds per kernel launch instead. Read by the OpenMP runtime when it loads, so this
+# must precede the imports below; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # -- what this machine has -------------------------------------------------------------------
 
 try:
