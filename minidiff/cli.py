@@ -130,7 +130,7 @@ def cmd_sample(args) -> int:
     if out.suffix == ".npy":
         np.save(out, to_uint8(images))
     else:
-        save_grid(images, out, nrow=None)
+        save_grid(images, out, nrow=None, scale=max(1, 64 // images.shape[-1]))
     print(f"wrote {args.num} samples to {out}")
     return 0
 

@@ -77,9 +77,14 @@ def make_grid(images, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid(images, path, nrow: int | None = None, padding: int = 2) -> Path:
-    """Write (N, C, H, W) images in [-1, 1] as one PNG grid (see ``make_grid``); returns the path."""
+def save_grid(images, path, nrow: int | None = None, padding: int = 2, scale: int = 1) -> Path:
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid (see ``make_grid``); returns the path.
+
+    ``scale`` enlarges the grid by pixel repetition, so 16x16 samples can be seen."""
+    if not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ValueError(f"save_grid: scale must be a positive int, got {scale!r}")
     grid = make_grid(images, nrow=nrow, padding=padding)
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
