@@ -484,9 +484,8 @@ def _affine(param, name, shape, op):
     return param
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> Tensor:
-    """Normalize (N, C, *spatial) over groups of C // num_groups channels."""
-    op = "group_norm"
+def _group_norm_args(op, x, num_groups, weight, bias):
+    """Checked (x, weight, bias) for the group norm ops; both affine parameters or neither."""
     x = _float_tensor(x, op, "x")
     if x.ndim < 2:
         raise ValueError(f"{op}: x must have at least 2 dims (N, C, ...), got shape {x.shape}")
@@ -503,7 +502,25 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> Tensor:
         weight = as_tensor(np.ones(channels), like=x)
     if weight is not None and bias is None:
         bias = as_tensor(np.zeros(channels), like=x)
+    return x, weight, bias
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> Tensor:
+    """Normalize (N, C, *spatial) over groups of C // num_groups channels."""
+    x, weight, bias = _group_norm_args("group_norm", x, num_groups, weight, bias)
     return norm.GroupNorm.apply(x, weight, bias, groups=int(num_groups), eps=float(eps))
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, shift=None) -> Tensor:
+    """``silu(group_norm(x + shift))`` as one fused op. ``shift`` (N, C), optional, is added
+    to every position of each (sample, channel) first: the U-Net's time-embedding projection."""
+    op = "group_norm_silu"
+    x, weight, bias = _group_norm_args(op, x, num_groups, weight, bias)
+    if shift is not None:
+        shift = _float_tensor(shift, op, "shift")
+        if shift.shape != x.shape[:2]:
+            raise ValueError(f"{op}: shift must have shape {x.shape[:2]} (N, C), got {shift.shape}")
+    return norm.GroupNormSiLU.apply(x, weight, bias, shift, groups=int(num_groups), eps=float(eps))
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5) -> Tensor:

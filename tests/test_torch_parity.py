@@ -109,6 +109,16 @@ def test_group_norm(groups, affine):
         )
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_group_norm_silu_with_shift(groups):
+    rng = np.random.default_rng(10 + groups)
+    compare(
+        lambda x, w, b, s: F.group_norm_silu(x, groups, w, b, eps=1e-5, shift=s),
+        lambda x, w, b, s: TF.silu(TF.group_norm(x + s[:, :, None, None], groups, w, b, eps=1e-5)),
+        [randn(rng, 2, 8, 5, 3) * 3 + 1, randn(rng, 8), randn(rng, 8), randn(rng, 2, 8)],
+    )
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("normalized", [(6,), (4, 6)])
 def test_layer_norm(normalized, affine):

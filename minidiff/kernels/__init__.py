@@ -21,6 +21,8 @@ col2im = dispatcher("col2im")
 # norm.py
 group_norm_forward = dispatcher("group_norm_forward")
 group_norm_backward = dispatcher("group_norm_backward")
+group_norm_silu_forward = dispatcher("group_norm_silu_forward")
+group_norm_silu_backward = dispatcher("group_norm_silu_backward")
 # attention.py
 softmax_forward = dispatcher("softmax_forward")
 softmax_backward = dispatcher("softmax_backward")
@@ -37,6 +39,8 @@ __all__ = [
     "col2im",
     "group_norm_forward",
     "group_norm_backward",
+    "group_norm_silu_forward",
+    "group_norm_silu_backward",
     "softmax_forward",
     "softmax_backward",
 ]

@@ -236,3 +236,175 @@ def group_norm_backward_native(gy, x, weight, mean, rstd, groups):
         gy3, x3, w, np.ascontiguousarray(mean), np.ascontiguousarray(rstd), groups
     )
     return gx.reshape(x.shape), gweight, gbias
+
+
+# -- group norm + SiLU, with an optional per-(sample, channel) shift of the input ---------------
+#
+#     z = x + shift[n, c]        (shift: (N, C), e.g. a time-embedding projection; or None)
+#     u = group_norm(z) * weight + bias,   y = silu(u) = u * sigmoid(u)
+#
+# One pass over the data instead of three (add, normalize, activate), and the backward rebuilds
+# u from x and the saved statistics rather than keeping z and u alive.
+
+
+def _shifted(x, shift):
+    """x + shift broadcast over the spatial dims (x itself when shift is None)."""
+    if shift is None:
+        return x
+    return x + shift.reshape(shift.shape + (1,) * (x.ndim - 2))
+
+
+def _check_shift(fn, shift, N, C):
+    if shift is not None and shift.shape != (N, C):
+        raise ValueError(f"{fn}: shift must have shape {(N, C)}, got {shift.shape}")
+
+
+def _sigmoid(u):
+    return 1 / (1 + get_array_module(u).exp(-u))
+
+
+@register("group_norm_silu_forward", "reference")
+def group_norm_silu_forward_reference(x, weight, bias, shift, groups, eps):
+    """``(y, mean, rstd)`` with y = silu(group_norm(x + shift)); see the comment above."""
+    N, C, _, _ = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
+    _check_shift("group_norm_silu_forward", shift, N, C)
+    u, mean, rstd = group_norm_forward_reference(_shifted(x, shift), weight, bias, groups, eps)
+    return u * _sigmoid(u), mean, rstd
+
+
+@register("group_norm_silu_backward", "reference")
+def group_norm_silu_backward_reference(gy, x, weight, bias, shift, mean, rstd, groups):
+    """``(gx, gweight, gbias, gshift)``; gshift is None without shift."""
+    N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
+    _check_shift("group_norm_silu_backward", shift, N, C)
+    z = _shifted(x, shift)
+    u = ((z.reshape(N, groups, M) - mean[:, :, None]) * rstd[:, :, None]).reshape(x.shape)
+    if weight is not None:
+        u = u * weight.reshape(_channel_shape(x)) + bias.reshape(_channel_shape(x))
+    s = _sigmoid(u)
+    gu = gy * s * (1 + u * (1 - s))  # d silu(u) / du
+    gx, gweight, gbias = group_norm_backward_reference(gu, z, weight, mean, rstd, groups)
+    gshift = None if shift is None else gx.reshape(N, C, S).sum(axis=2)
+    return gx, gweight, gbias, gshift
+
+
+@njit(parallel=True, cache=True)
+def _group_norm_silu_forward_cpu(x, weight, bias, shift, groups, eps, y, mean, rstd):
+    # x, y: (N, C, S); weight, bias: (C,); shift: (N, C) (zeros when there is none)
+    N, C, S = x.shape
+    cpg = C // groups
+    m = cpg * S
+    for ng in prange(N * groups):
+        n, g = ng // groups, ng % groups
+        total = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            sh = np.float64(shift[n, c])
+            for s in range(S):
+                total += x[n, c, s] + sh
+        mu = total / m
+        sq = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            sh = np.float64(shift[n, c])
+            for s in range(S):
+                dev = x[n, c, s] + sh - mu
+                sq += dev * dev
+        r = 1.0 / np.sqrt(sq / m + eps)
+        mean[n, g] = mu
+        rstd[n, g] = r
+        for c in range(g * cpg, (g + 1) * cpg):
+            a = r * np.float64(weight[c])
+            b = np.float64(bias[c]) + (np.float64(shift[n, c]) - mu) * a  # u = x * a + b
+            for s in range(S):
+                u = x[n, c, s] * a + b
+                y[n, c, s] = u / (1.0 + np.exp(-u))
+
+
+@njit(parallel=True, cache=True)
+def _group_norm_silu_backward_cpu(
+    gy, x, weight, bias, shift, mean, rstd, groups, gx, gw_part, gb_part, gshift
+):
+    # First pass: gu = d loss / d u into gx, and the per-channel sums; second pass: gx from gu.
+    N, C, S = x.shape
+    cpg = C // groups
+    m = cpg * S
+    for ng in prange(N * groups):
+        n, g = ng // groups, ng % groups
+        mu = np.float64(mean[n, g])
+        r = np.float64(rstd[n, g])
+        sum_d = 0.0
+        sum_dxhat = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            w = np.float64(weight[c])
+            b = np.float64(bias[c])
+            sh = np.float64(shift[n, c])
+            gw = 0.0
+            gb = 0.0
+            for s in range(S):
+                xhat = (x[n, c, s] + sh - mu) * r
+                u = xhat * w + b
+                sig = 1.0 / (1.0 + np.exp(-u))
+                gu = gy[n, c, s] * sig * (1.0 + u * (1.0 - sig))
+                gx[n, c, s] = gu
+                gw += gu * xhat
+                gb += gu
+            gw_part[n, c] = gw
+            gb_part[n, c] = gb
+            sum_d += gb * w
+            sum_dxhat += gw * w
+        mean_d = sum_d / m
+        mean_dxhat = sum_dxhat / m
+        for c in range(g * cpg, (g + 1) * cpg):
+            w = np.float64(weight[c])
+            sh = np.float64(shift[n, c])
+            total = 0.0
+            for s in range(S):
+                xhat = (x[n, c, s] + sh - mu) * r
+                v = r * (gx[n, c, s] * w - mean_d - xhat * mean_dxhat)
+                gx[n, c, s] = v
+                total += v
+            gshift[n, c] = total
+
+
+@register("group_norm_silu_forward", "numba")
+def group_norm_silu_forward_numba(x, weight, bias, shift, groups, eps):
+    N, C, S, M = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
+    _check_shift("group_norm_silu_forward", shift, N, C)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    sh = np.zeros((N, C), x.dtype) if shift is None else np.ascontiguousarray(shift)
+    y = np.empty(x3.shape, x.dtype)
+    mean = np.empty((N, groups), x.dtype)
+    rstd = np.empty((N, groups), x.dtype)
+    _group_norm_silu_forward_cpu(x3, w, b, sh, groups, float(eps), y, mean, rstd)
+    return y.reshape(x.shape), mean, rstd
+
+
+@register("group_norm_silu_backward", "numba")
+def group_norm_silu_backward_numba(gy, x, weight, bias, shift, mean, rstd, groups):
+    N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
+    _check_shift("group_norm_silu_backward", shift, N, C)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    gy3 = np.ascontiguousarray(gy).reshape(N, C, S)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    sh = np.zeros((N, C), x.dtype) if shift is None else np.ascontiguousarray(shift)
+    gx = np.empty(x3.shape, x.dtype)
+    gw_part = np.empty((N, C), np.float64)
+    gb_part = np.empty((N, C), np.float64)
+    gshift = np.empty((N, C), x.dtype)
+    _group_norm_silu_backward_cpu(
+        gy3,
+        x3,
+        w,
+        b,
+        sh,
+        np.ascontiguousarray(mean),
+        np.ascontiguousarray(rstd),
+        groups,
+        gx,
+        gw_part,
+        gb_part,
+        gshift,
+    )
+    gweight = None if weight is None else gw_part.sum(axis=0).astype(x.dtype)
+    gbias = None if weight is None else gb_part.sum(axis=0).astype(x.dtype)
+    return gx.reshape(x.shape), gweight, gbias, (None if shift is None else gshift)

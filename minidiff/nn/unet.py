@@ -38,6 +38,11 @@ def _zero_(param):
     param.data[...] = 0
 
 
+def _norm_silu(norm: GroupNorm, x, shift=None):
+    """silu(norm(x + shift)) with one fused kernel."""
+    return F.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift=shift)
+
+
 class ResBlock(Module):
     def __init__(self, in_ch, out_ch, temb_ch, dropout, groups, rng, dtype):
         self.norm1 = GroupNorm(groups, in_ch, dtype=dtype)
@@ -51,9 +56,9 @@ class ResBlock(Module):
         self.skip = Conv2d(in_ch, out_ch, 1, rng=rng, dtype=dtype) if in_ch != out_ch else None
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + F.reshape(self.temb_proj(F.silu(temb)), (h.shape[0], h.shape[1], 1, 1))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        # the time embedding is added per channel inside the fused norm2 + SiLU
+        h = self.conv2(self.dropout(_norm_silu(self.norm2, h, shift=self.temb_proj(F.silu(temb)))))
         return (self.skip(x) if self.skip is not None else x) + h
 
 
@@ -218,4 +223,4 @@ class UNet(Module):
                 h = layer(F.concat([h, hs.pop()], axis=1), temb)
             else:
                 h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_silu(self.norm_out, h))

@@ -50,3 +50,17 @@ class LayerNorm(Function):
         gw = (g * xhat).sum(axis=lead) if weight is not None else None
         gb = g.sum(axis=lead) if self.has_bias else None
         return gx, gw, gb
+
+
+class GroupNormSiLU(Function):
+    """silu(group_norm(x + shift)) in one kernel; shift (N, C) is optional."""
+
+    def forward(self, x, weight, bias, shift, *, groups, eps):
+        y, mean, rstd = kernels.group_norm_silu_forward(x, weight, bias, shift, groups, eps)
+        self.save_for_backward(x, weight, bias, shift, mean, rstd)
+        self.groups = groups
+        return y
+
+    def backward(self, gy):
+        x, weight, bias, shift, mean, rstd = self.saved
+        return kernels.group_norm_silu_backward(gy, x, weight, bias, shift, mean, rstd, self.groups)

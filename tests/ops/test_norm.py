@@ -105,6 +105,66 @@ def test_group_norm_with_weight_only():
     assert gradcheck(lambda t, w: F.group_norm(t, 2, weight=w, eps=EPS), leaf(x), leaf(weight))
 
 
+def ref_group_norm_silu(x, groups, weight, bias, shift, eps):
+    """silu(group_norm(x + shift)) from the loop formula above, in float64."""
+    z = x.astype(np.float64)
+    if shift is not None:
+        z = z + shift.reshape(shift.shape + (1,) * (x.ndim - 2))
+    u = ref_group_norm(z, groups, weight, bias, eps)
+    return u / (1 + np.exp(-u))
+
+
+@st.composite
+def group_norm_silu_case(draw):
+    x, groups, weight, bias = draw(group_norm_case(affine=draw(st.sampled_from(["none", "both"]))))
+    shift = draw(arrays(x.shape[:2])) if draw(st.booleans()) else None
+    return x, groups, weight, bias, shift
+
+
+def _call_group_norm_silu(weight, shift, groups):
+    def fn(*ts):
+        it = iter(ts)
+        t = next(it)
+        w, b = (next(it), next(it)) if weight is not None else (None, None)
+        sh = next(it) if shift is not None else None
+        return F.group_norm_silu(t, groups, w, b, eps=EPS, shift=sh)
+
+    return fn
+
+
+@pytest.mark.parametrize("impl", [i for i in kernels.IMPLEMENTATIONS if kernels.available()[i][0]])
+@given(case=group_norm_silu_case())
+def test_group_norm_silu_gradcheck(impl, case):
+    x, groups, weight, bias, shift = case
+    with kernels.use(impl):
+        assert gradcheck(_call_group_norm_silu(weight, shift, groups), *_inputs(x, weight, bias, shift))
+
+
+@pytest.mark.parametrize("impl", [i for i in kernels.IMPLEMENTATIONS if kernels.available()[i][0]])
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=group_norm_silu_case())
+def test_group_norm_silu_forward(impl, dtype, case):
+    x, groups, weight, bias, shift = case
+    cast = lambda a: None if a is None else md.tensor(a, dtype=dtype)  # noqa: E731
+    up = lambda t: None if t is None else t.numpy().astype(np.float64)  # noqa: E731
+    tx, tw, tb, ts = cast(x), cast(weight), cast(bias), cast(shift)
+    expected = ref_group_norm_silu(up(tx), groups, up(tw), up(tb), up(ts), EPS)
+    with kernels.use(impl):
+        out = F.group_norm_silu(tx, groups, tw, tb, eps=EPS, shift=ts)
+    assert out.dtype == dtype and out.shape == x.shape
+    np.testing.assert_allclose(out.numpy(), expected, **tolerance(dtype))
+
+
+def test_group_norm_silu_rejects_bad_input():
+    x = md.tensor(np.ones((2, 4, 3, 3)))
+    with pytest.raises(ValueError, match=r"group_norm_silu: shift must have shape \(2, 4\)"):
+        F.group_norm_silu(x, 2, shift=md.tensor(np.ones((2, 3))))
+    with pytest.raises(ValueError, match="group_norm_silu: num_groups=3"):
+        F.group_norm_silu(x, 3)
+    with pytest.raises(TypeError, match="group_norm_silu: x has dtype int64"):
+        F.group_norm_silu(md.tensor(np.ones((2, 4), np.int64)), 2)
+
+
 def ref_layer_norm(x, k, weight, bias, eps):
     lead = x.shape[: x.ndim - k]
     rows = x.reshape(lead + (-1,)).astype(np.float64)
