@@ -156,6 +156,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from minidiff import benchmark
+
+    return benchmark.run_from_args(args)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -235,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=cmd_eval)
+
+    from minidiff.benchmark import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="time every kernel implementation against the reference and PyTorch",
+        description="Measure this machine's ceilings (float32 GEMM GFLOP/s, copy GB/s), then every "
+        "kernel op on realistic U-Net shapes with each implementation (reference, numba, native) and "
+        "the same work in PyTorch if it is installed: median ms, ratios, GB/s and % of the ceiling. "
+        "Prints a table and writes JSON.",
+    )
+    add_bench_arguments(bench, default_json="minidiff-bench.json")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -1,0 +1,732 @@
+"""Kernel benchmark: every registered kernel op, every implementation, against PyTorch.
+
+    python bench/kernels.py                     # or, without the repository: minidiff bench
+    minidiff bench --quick --ops softmax        # one shape per op, 3 repeats
+    minidiff bench --ops group_norm --repeats 20 --json gn.json
+
+First the machine's ceilings, in the same run: float32 GEMM GFLOP/s (the median over
+1024^2..2048^2 matmuls) and copy bandwidth GB/s (``np.copyto`` of a 256 MiB float32 array, read
+plus write bytes). Then, for every kernel op that has an input factory in ``FACTORIES`` below and
+for every implementation registered on this machine: the median time over repeats after warm-up
+(the first call compiles the Numba kernels), the ratio to the reference implementation, the ratio
+to the same work in PyTorch (CPU) where it has it, and the achieved GB/s (bytes the op must read
+and write, at least) or GFLOP/s as a fraction of the ceiling. Ratios are time over time: below 1
+is faster. Each implementation's outputs are also compared with the reference's once.
+
+A new kernel op shows up as a "no factory" row until a factory is added here: a function that
+builds a ``Case`` (arguments, bytes moved, the PyTorch equivalent) from one shape spec, registered
+with ``@factory(op, full=[specs], tiny=[specs])``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+F32 = 4  # bytes per element: every case runs in float32
+IMPL_ORDER = ("reference", "numba", "native")
+REPEATS = {"full": 10, "quick": 3}
+# Ceiling runs: (GEMM sizes, repeats per size, copy MiB, copy repeats). "tiny" is for tests only:
+# an 8 MiB copy fits in cache, so it is no memory ceiling.
+CEILING_RUNS = {
+    "full": ((1024, 1536, 2048), 5, 256, 7),
+    "quick": ((1024, 2048), 3, 256, 3),
+    "tiny": ((128,), 2, 8, 2),
+}
+# A kernel whose outputs differ from the reference's by more than this is flagged in the notes
+# (a sanity check only: tests/kernels holds the real tolerances).
+RTOL, ATOL = 1e-3, 1e-3
+
+
+# -- cases and their factories ---------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One workload of one op: what every implementation is called with, and what it moves."""
+
+    shape: str  # the label in the table, e.g. "x(64,32,16,16) k3 s1 p1"
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    bytes: int = 0  # bytes read + written by one call (the minimum traffic), for GB/s
+    flops: int = 0  # floating-point operations of one call, for GEMM-like work (then GFLOP/s)
+    torch: Callable | None = None  # torch module -> zero-argument callable doing the same work
+
+
+FACTORIES: dict[str, tuple[Callable, dict[str, list]]] = {}
+
+
+def factory(op: str, *, full: list, tiny: list):
+    """Register ``make(rng, *spec) -> Case`` as the input factory of kernel ``op``.
+
+    ``full`` holds the realistic shape specs (``--quick`` takes the first), ``tiny`` smoke-test ones.
+    """
+
+    def register(make):
+        FACTORIES[op] = (make, {"full": list(full), "tiny": list(tiny)})
+        return make
+
+    return register
+
+
+def _dims(shape) -> str:
+    return "(" + ",".join(str(d) for d in shape) + ")"
+
+
+def _randn(rng, shape):
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def _grad_wrt(torch, fn, inputs, gy):
+    """A callable timing only the backward of ``fn(*inputs)`` for the output gradient ``gy``."""
+    leaves = [torch.from_numpy(a.copy()).requires_grad_() for a in inputs]
+    y = fn(*leaves)
+    gy = torch.from_numpy(gy)
+    return lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True)
+
+
+def _no_grad(torch, fn, *inputs):
+    tensors = [torch.from_numpy(a) for a in inputs]
+
+    def call():
+        with torch.no_grad():
+            return fn(*tensors)
+
+    return call
+
+
+# im2col / col2im: the convolutions of the digits and CIFAR U-Nets (x shape, kernel, stride, padding)
+CONV_SHAPES = dict(
+    full=[((64, 32, 16, 16), 3, 1, 1), ((32, 128, 32, 32), 3, 1, 1), ((64, 64, 8, 8), 3, 2, 1)],
+    tiny=[((2, 4, 6, 6), 3, 1, 1)],
+)
+
+
+def _conv_geometry(x_shape, k, s, p):
+    N, C, H, W = x_shape
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    return f"x{_dims(x_shape)} k{k} s{s} p{p}", (N, C * k * k, Ho * Wo)
+
+
+@factory("im2col", **CONV_SHAPES)
+def _im2col_case(rng, x_shape, k, s, p):
+    x = _randn(rng, x_shape)
+    label, cols_shape = _conv_geometry(x_shape, k, s, p)
+
+    def torch_work(torch):
+        return _no_grad(torch, lambda t: torch.nn.functional.unfold(t, k, padding=p, stride=s), x)
+
+    return Case(
+        label, (x, k, k, (s, s), (p, p)), bytes=F32 * (x.size + math.prod(cols_shape)), torch=torch_work
+    )
+
+
+@factory("col2im", **CONV_SHAPES)
+def _col2im_case(rng, x_shape, k, s, p):
+    label, cols_shape = _conv_geometry(x_shape, k, s, p)
+    cols = _randn(rng, cols_shape)
+    H, W = x_shape[2:]
+
+    def torch_work(torch):
+        fold = torch.nn.functional.fold
+        return _no_grad(torch, lambda t: fold(t, (H, W), k, padding=p, stride=s), cols)
+
+    nbytes = F32 * (cols.size + math.prod(x_shape))
+    return Case(label, (cols, x_shape, k, k, (s, s), (p, p)), bytes=nbytes, torch=torch_work)
+
+
+# group norm: the U-Net's norm layers (x shape, groups); eps as in the U-Net
+NORM_SHAPES = dict(full=[((64, 64, 16, 16), 8), ((32, 128, 32, 32), 32)], tiny=[((2, 8, 4, 4), 4)])
+EPS = 1e-5
+
+
+def _group_stats(z, groups):
+    """mean and rstd (N, groups) of z, as the forward kernels return them."""
+    zg = z.reshape(z.shape[0], groups, -1).astype(np.float64)
+    mean = zg.mean(axis=2)
+    rstd = 1 / np.sqrt(zg.var(axis=2) + EPS)
+    return mean.astype(np.float32), rstd.astype(np.float32)
+
+
+def _affine(rng, C):
+    return 1 + 0.1 * _randn(rng, (C,)), 0.1 * _randn(rng, (C,))
+
+
+@factory("group_norm_forward", **NORM_SHAPES)
+def _group_norm_forward_case(rng, x_shape, groups):
+    x, (w, b) = _randn(rng, x_shape), _affine(rng, x_shape[1])
+
+    def torch_work(torch):
+        gn = torch.nn.functional.group_norm
+        return _no_grad(torch, lambda x, w, b: gn(x, groups, w, b, EPS), x, w, b)
+
+    return Case(
+        f"x{_dims(x_shape)} g{groups}", (x, w, b, groups, EPS), bytes=F32 * 2 * x.size, torch=torch_work
+    )
+
+
+@factory("group_norm_backward", **NORM_SHAPES)
+def _group_norm_backward_case(rng, x_shape, groups):
+    x, gy, (w, b) = _randn(rng, x_shape), _randn(rng, x_shape), _affine(rng, x_shape[1])
+    mean, rstd = _group_stats(x, groups)
+
+    def torch_work(torch):
+        gn = torch.nn.functional.group_norm
+        return _grad_wrt(torch, lambda x, w, b: gn(x, groups, w, b, EPS), (x, w, b), gy)
+
+    args = (gy, x, w, mean, rstd, groups)
+    return Case(f"x{_dims(x_shape)} g{groups}", args, bytes=F32 * 3 * x.size, torch=torch_work)
+
+
+def _torch_group_norm_silu(torch, groups):
+    F = torch.nn.functional
+    return lambda x, w, b, shift: F.silu(F.group_norm(x + shift[:, :, None, None], groups, w, b, EPS))
+
+
+# group norm + SiLU of x + shift: the second norm of a U-Net residual block (shift: the projected
+# time embedding, one value per sample and channel)
+@factory("group_norm_silu_forward", **NORM_SHAPES)
+def _group_norm_silu_forward_case(rng, x_shape, groups):
+    x, (w, b) = _randn(rng, x_shape), _affine(rng, x_shape[1])
+    shift = _randn(rng, x_shape[:2])
+
+    def torch_work(torch):
+        return _no_grad(torch, _torch_group_norm_silu(torch, groups), x, w, b, shift)
+
+    label = f"x{_dims(x_shape)} g{groups} +shift"
+    return Case(label, (x, w, b, shift, groups, EPS), bytes=F32 * 2 * x.size, torch=torch_work)
+
+
+@factory("group_norm_silu_backward", **NORM_SHAPES)
+def _group_norm_silu_backward_case(rng, x_shape, groups):
+    x, gy, (w, b) = _randn(rng, x_shape), _randn(rng, x_shape), _affine(rng, x_shape[1])
+    shift = _randn(rng, x_shape[:2])
+    mean, rstd = _group_stats(x + shift[:, :, None, None], groups)
+
+    def torch_work(torch):
+        return _grad_wrt(torch, _torch_group_norm_silu(torch, groups), (x, w, b, shift), gy)
+
+    label = f"x{_dims(x_shape)} g{groups} +shift"
+    args = (gy, x, w, b, shift, mean, rstd, groups)
+    return Case(label, args, bytes=F32 * 3 * x.size, torch=torch_work)
+
+
+# softmax over the last axis: attention scores (batch * heads, queries, keys) at 16x16 and 8x8
+SOFTMAX_SHAPES = dict(full=[((32, 256, 256),), ((64, 64, 64),)], tiny=[((2, 8, 8),)])
+
+
+@factory("softmax_forward", **SOFTMAX_SHAPES)
+def _softmax_forward_case(rng, shape):
+    x = _randn(rng, shape)
+
+    def torch_work(torch):
+        return _no_grad(torch, lambda t: torch.softmax(t, -1), x)
+
+    return Case(f"x{_dims(shape)} rows", (x,), bytes=F32 * 2 * x.size, torch=torch_work)
+
+
+@factory("softmax_backward", **SOFTMAX_SHAPES)
+def _softmax_backward_case(rng, shape):
+    x, gy = _randn(rng, shape), _randn(rng, shape)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    y = e / e.sum(axis=-1, keepdims=True)
+
+    def torch_work(torch):
+        return _grad_wrt(torch, lambda t: torch.softmax(t, -1), (x,), gy)
+
+    return Case(f"x{_dims(shape)} rows", (gy, y), bytes=F32 * 3 * x.size, torch=torch_work)
+
+
+# diffusion steps on image batches: training (digits 64 x 1x16x16, CIFAR 128 x 3x32x32) for
+# q_sample and the loss; sampling (40 digits, 64 CIFAR images) for the sampler steps
+TRAIN_SHAPES = dict(full=[((64, 1, 16, 16),), ((128, 3, 32, 32),)], tiny=[((2, 1, 4, 4),)])
+SAMPLE_SHAPES = dict(full=[((40, 1, 16, 16),), ((64, 3, 32, 32),)], tiny=[((2, 1, 4, 4),)])
+
+
+def _schedule(T=1000):
+    """sqrt(abar) and sqrt(1 - abar) of the linear schedule (float64 tables, as the kernels take)."""
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    return np.sqrt(abar), np.sqrt(1 - abar)
+
+
+@factory("q_sample", **TRAIN_SHAPES)
+def _q_sample_case(rng, shape):
+    x0, noise = _randn(rng, shape), _randn(rng, shape)
+    sqrt_abar, sqrt_one_minus_abar = _schedule()
+    t = rng.integers(0, sqrt_abar.size, shape[0])
+
+    def torch_work(torch):
+        a, s = (torch.from_numpy(v.astype(np.float32)) for v in (sqrt_abar, sqrt_one_minus_abar))
+        tt, view = torch.from_numpy(t), (-1,) + (1,) * (len(shape) - 1)
+        return _no_grad(torch, lambda x0, e: a[tt].view(view) * x0 + s[tt].view(view) * e, x0, noise)
+
+    args = (x0, noise, sqrt_abar, sqrt_one_minus_abar, t)
+    return Case(f"x{_dims(shape)}", args, bytes=F32 * 3 * x0.size, torch=torch_work)
+
+
+@factory("mse_loss_forward", **TRAIN_SHAPES)
+def _mse_loss_forward_case(rng, shape):
+    pred, target = _randn(rng, shape), _randn(rng, shape)
+
+    def torch_work(torch):
+        return _no_grad(torch, torch.nn.functional.mse_loss, pred, target)
+
+    return Case(f"x{_dims(shape)}", (pred, target), bytes=F32 * 2 * pred.size, torch=torch_work)
+
+
+@factory("mse_loss_backward", **TRAIN_SHAPES)
+def _mse_loss_backward_case(rng, shape):
+    pred, target = _randn(rng, shape), _randn(rng, shape)
+    gloss = np.ones((), np.float32)
+
+    def torch_work(torch):
+        p = torch.from_numpy(pred.copy()).requires_grad_()
+        loss = torch.nn.functional.mse_loss(p, torch.from_numpy(target))
+        g = torch.from_numpy(gloss)
+        return lambda: torch.autograd.grad(loss, p, g, retain_graph=True)
+
+    args = (pred, target, gloss)
+    return Case(f"x{_dims(shape)}", args, bytes=F32 * 3 * pred.size, torch=torch_work)
+
+
+@factory("ddpm_step", **SAMPLE_SHAPES)
+def _ddpm_step_case(rng, shape):
+    x_t, x0, noise = _randn(rng, shape), _randn(rng, shape), _randn(rng, shape)
+    c0, ct, sigma = 0.05, 0.95, 0.1  # a mid-chain step: posterior coefficients and sigma_t
+
+    def torch_work(torch):
+        return _no_grad(torch, lambda x_t, x0, e: c0 * x0.clamp(-1, 1) + ct * x_t + sigma * e, x_t, x0, noise)
+
+    args = (x_t, x0, noise, c0, ct, sigma)
+    label = f"x{_dims(shape)} clip +noise"
+    return Case(label, args, {"clip": True}, bytes=F32 * 4 * x_t.size, torch=torch_work)
+
+
+@factory("ddim_step", **SAMPLE_SHAPES)
+def _ddim_step_case(rng, shape):
+    x_t, eps, x0 = _randn(rng, shape), _randn(rng, shape), _randn(rng, shape)
+    a, s, a_prev = 0.6, 0.8, 0.7  # eta = 0: no noise; clipping recomputes eps from x0
+    direction = math.sqrt(1 - a_prev**2)
+
+    def torch_work(torch):
+        def step(x_t, x0):
+            x0 = x0.clamp(-1, 1)
+            return a_prev * x0 + direction * ((x_t - a * x0) / s)
+
+        return _no_grad(torch, step, x_t, x0)
+
+    args = (x_t, eps, x0, None, a, s, a_prev, direction, 0.0)
+    return Case(
+        f"x{_dims(shape)} clip eta=0", args, {"clip": True}, bytes=F32 * 3 * x_t.size, torch=torch_work
+    )
+
+
+# optimizer updates of one parameter array: the whole digits U-Net (701,345 parameters) as one
+# array, one conv weight of the CIFAR U-Net, the whole CIFAR U-Net (35.7M)
+PARAM_SHAPES = dict(full=[((701_345,),), ((128, 128, 3, 3),), ((35_700_000,),)], tiny=[((3, 5),)])
+LR, BETAS, ADAM_EPS, DECAY = 2e-4, (0.9, 0.999), 1e-8, 0.9999
+
+
+@factory("adam_update", **PARAM_SHAPES)
+def _adam_update_case(rng, shape):
+    param, grad, m = _randn(rng, shape), _randn(rng, shape), 0.1 * _randn(rng, shape)
+    v = np.abs(_randn(rng, shape))
+
+    def torch_work(torch):  # torch.optim.Adam's default (single-tensor) step on one parameter
+        p = torch.from_numpy(param.copy()).requires_grad_()
+        p.grad = torch.from_numpy(grad)
+        opt = torch.optim.Adam([p], lr=LR, betas=BETAS, eps=ADAM_EPS)
+        return opt.step
+
+    args = (param, grad, m, v, LR, *BETAS, ADAM_EPS, 10)
+    return Case(f"p{_dims(shape)}", args, bytes=F32 * 7 * param.size, torch=torch_work)
+
+
+@factory("ema_update", **PARAM_SHAPES)
+def _ema_update_case(rng, shape):
+    shadow, param = _randn(rng, shape), _randn(rng, shape)
+
+    def torch_work(torch):  # shadow.lerp_(param, 1 - decay): PyTorch's EMA (swa_utils) expression
+        sh, p = torch.from_numpy(shadow.copy()), torch.from_numpy(param)
+        return lambda: sh.lerp_(p, 1 - DECAY)
+
+    return Case(f"p{_dims(shape)}", (shadow, param, DECAY), bytes=F32 * 3 * shadow.size, torch=torch_work)
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2, min_sample_s: float = 0.005) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` samples, after ``warmup`` calls.
+
+    Calls shorter than ``min_sample_s`` are looped within a sample (timer resolution, overhead).
+    """
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    inner = max(1, min(1000, int(min_sample_s / max(once, 1e-9))))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - start) / inner)
+    return float(np.median(samples))
+
+
+def measure_ceilings(gemm_sizes=(1024, 1536, 2048), gemm_repeats=5, copy_mib=256, copy_repeats=7) -> dict:
+    """This machine's float32 GEMM GFLOP/s and copy GB/s (read + write bytes), measured now."""
+    rng = np.random.default_rng(0)
+    rates = []
+    for n in gemm_sizes:
+        a, b, out = _randn(rng, (n, n)), _randn(rng, (n, n)), np.empty((n, n), np.float32)
+        np.matmul(a, b, out=out)  # warm-up: BLAS threads, pages of out
+        for _ in range(gemm_repeats):
+            start = time.perf_counter()
+            np.matmul(a, b, out=out)
+            rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
+    src = np.ones(copy_mib * 2**20 // F32, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # warm-up: touches every page of dst
+    seconds = median_seconds(lambda: np.copyto(dst, src), copy_repeats, warmup=0, min_sample_s=0)
+    return {
+        "gemm_gflops": float(np.median(rates)),
+        "copy_gbs": 2 * src.nbytes / seconds / 1e9,
+        "gemm_sizes": list(gemm_sizes),
+        "copy_mib": copy_mib,
+    }
+
+
+def _copies(args) -> list:
+    return [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+
+
+def _outputs(fn, args, kwargs) -> list:
+    """The arrays one call produces, on copies of ``args``: what it returns, then the inputs
+    (ops that update in place, like optimizer steps, return nothing)."""
+    args = _copies(args)
+    result = fn(*args, **kwargs)
+    results = list(result) if isinstance(result, (tuple, list)) else [result]
+    return results + [a for a in args if isinstance(a, np.ndarray)]
+
+
+def _compare(outs, ref_outs) -> tuple[float, bool]:
+    """(largest absolute difference, whether every output agrees within RTOL, ATOL)."""
+    if len(outs) != len(ref_outs):
+        return math.inf, False
+    worst, agree = 0.0, True
+    for a, b in zip(outs, ref_outs):
+        if a is None or b is None:
+            agree = agree and (a is None) == (b is None)
+            continue
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            return math.inf, False
+        if a.size:
+            worst = max(worst, float(np.abs(a - b).max()))
+            agree = agree and bool(np.allclose(a, b, rtol=RTOL, atol=ATOL))
+    return worst, agree
+
+
+def _row(op, shape, impl, seconds=None, note=""):
+    return {
+        "op": op,
+        "shape": shape,
+        "impl": impl,
+        "median_ms": None if seconds is None else 1e3 * seconds,
+        "vs_reference": None,
+        "vs_torch": None,
+        "throughput": None,
+        "unit": None,
+        "ceiling_pct": None,
+        "max_abs_diff": None,
+        "note": note,
+    }
+
+
+def _error(exc) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"error: {type(exc).__name__}: {text}"[:160]
+
+
+def bench_case(op, case, impls, torch, ceilings, repeats, warmup) -> list[dict]:
+    """Rows for one case: each implementation, then PyTorch (when it has this work)."""
+    rows, ref_outs = [], None
+    pristine = _copies(case.args)  # the timed calls of in-place ops (Adam, EMA) change case.args
+    for impl, fn in impls.items():
+        try:
+            outs = _outputs(fn, pristine, case.kwargs)  # also compiles Numba kernels before timing
+            seconds = median_seconds(lambda fn=fn: fn(*case.args, **case.kwargs), repeats, warmup)
+        except Exception as exc:  # a kernel that fails is a row that says so, not a failed run
+            rows.append(_row(op, case.shape, impl, note=_error(exc)))
+            continue
+        row = _row(op, case.shape, impl, seconds)
+        if impl == "reference":
+            ref_outs = outs
+        elif ref_outs is not None:
+            diff, agree = _compare(outs, ref_outs)
+            row["max_abs_diff"] = diff if math.isfinite(diff) else None
+            if not agree:
+                row["note"] = f"differs from the reference (max |diff| {diff:.3g})"
+        rows.append(row)
+    if torch is not None and case.torch is not None:
+        try:
+            seconds = median_seconds(case.torch(torch), repeats, warmup)
+            rows.append(_row(op, case.shape, "torch", seconds))
+        except Exception as exc:
+            rows.append(_row(op, case.shape, "torch", note=_error(exc)))
+    times = {r["impl"]: r["median_ms"] for r in rows if r["median_ms"] is not None}
+    for row in rows:
+        ms = row["median_ms"]
+        if ms is None:
+            continue
+        if "reference" in times:
+            row["vs_reference"] = ms / times["reference"]
+        if "torch" in times:
+            row["vs_torch"] = ms / times["torch"]
+        if case.flops:
+            row["throughput"], row["unit"] = case.flops / ms / 1e6, "GFLOP/s"
+            row["ceiling_pct"] = 100 * row["throughput"] / ceilings["gemm_gflops"]
+        elif case.bytes:
+            row["throughput"], row["unit"] = case.bytes / ms / 1e6, "GB/s"
+            row["ceiling_pct"] = 100 * row["throughput"] / ceilings["copy_gbs"]
+    return rows
+
+
+def _impl_rank(impl):
+    return (IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER), impl)
+
+
+def registered_ops() -> list[str]:
+    """Every kernel op with at least one implementation on this machine: those with a factory
+    first, in the order of ``FACTORIES``, then the rest by name."""
+    from minidiff import kernels
+    from minidiff.kernels import registry
+
+    names = set(FACTORIES) | set(getattr(registry, "_TABLE", {})) | set(dir(kernels))
+    order = {op: i for i, op in enumerate(FACTORIES)}
+    ops = []
+    for name in sorted(names, key=lambda n: (order.get(n, len(order)), n)):
+        try:
+            if not name.startswith("_") and kernels.implementations(name):
+                ops.append(name)
+        except (KeyError, TypeError):
+            continue
+    return ops
+
+
+def select_ops(patterns=None) -> list[str]:
+    """Registered ops whose name contains one of ``patterns`` (all ops when None)."""
+    ops = registered_ops()
+    if not patterns:
+        return ops
+    patterns = [p for text in patterns for p in text.split(",") if p]
+    chosen = [op for op in ops if any(p in op for p in patterns)]
+    if not chosen:
+        raise ValueError(f"--ops {' '.join(patterns)} matches no kernel op; known: {', '.join(ops)}")
+    return chosen
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def machine(torch=None) -> dict:
+    from minidiff import kernels
+
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "numba": None}
+    try:
+        import numba
+
+        versions["numba"] = numba.__version__
+    except ImportError:
+        pass
+    versions["torch"] = torch.__version__ if torch is not None else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        **versions,
+        "kernels": {name: why for name, (ok, why) in kernels.available().items()},
+    }
+
+
+def run(ops=None, *, repeats=None, quick=False, shapes="full", progress=None) -> dict:
+    """Measure the ceilings, then every selected op; return the report (what the JSON holds)."""
+    from minidiff import kernels
+
+    selected = select_ops(ops)
+    repeats = repeats or REPEATS["quick" if quick else "full"]
+    warmup = 1 if quick else 2
+    say = progress or (lambda text: None)
+    torch = _import_torch()
+    threads = None
+    if torch is not None:  # every core, as minidiff's kernels and NumPy's BLAS use them
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        say("measuring the ceilings (GEMM, copy)")
+        ceilings = measure_ceilings(
+            *CEILING_RUNS["tiny" if shapes == "tiny" else "quick" if quick else "full"]
+        )
+        rows = []
+        for op in selected:
+            impls = kernels.implementations(op)
+            impls = {k: impls[k] for k in sorted(impls, key=_impl_rank)}
+            if op not in FACTORIES:
+                note = "no factory: add one to FACTORIES in minidiff/benchmark.py"
+                rows.append(_row(op, "-", ", ".join(impls), note=note))
+                continue
+            make, specs = FACTORIES[op]
+            for spec in specs[shapes][:1] if quick else specs[shapes]:
+                try:
+                    case = make(np.random.default_rng(0), *spec)
+                except Exception as exc:
+                    rows.append(_row(op, str(spec), "-", note="factory " + _error(exc)))
+                    continue
+                say(f"{op} {case.shape}")
+                rows.extend(bench_case(op, case, impls, torch, ceilings, repeats, warmup))
+                del case
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(torch),
+        "options": {"ops": ops, "repeats": repeats, "quick": quick, "shapes": shapes, "warmup": warmup},
+        "ceilings": ceilings,
+        "rows": rows,
+    }
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _ms(ms) -> str:
+    return "-" if ms is None else f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def _ratio(value, missing) -> str:
+    return missing if value is None else f"{value:.2f}"
+
+
+def format_table(report) -> str:
+    """The table ``run`` measured, with the machine and the ceilings above it."""
+    c, m, o = report["ceilings"], report["machine"], report["options"]
+    sizes = "/".join(f"{n}^2" for n in c["gemm_sizes"])
+    lines = [
+        f"kernel benchmark {report['date']}: {m['processor']}, {m['cores']} cores; "
+        f"numpy {m['numpy']}, numba {m['numba'] or 'missing'}, torch {m['torch'] or 'missing'}",
+        f"ceilings: float32 GEMM {c['gemm_gflops']:.1f} GFLOP/s (median over {sizes} matmuls), "
+        f"copy {c['copy_gbs']:.1f} GB/s (np.copyto of {c['copy_mib']} MiB, read + write)",
+        f"median of {o['repeats']} after {o['warmup']} warm-up calls; /ref, /torch: time over time "
+        "(below 1: faster); % ceil: of the copy GB/s (or the GEMM GFLOP/s); over 100%: the "
+        "data sits in cache, or two threads beat the one-thread np.copyto",
+        "",
+    ]
+    header = ("op", "shape", "impl", "ms", "/ref", "/torch", "throughput", "% ceil", "note")
+    table = [header]
+    for r in report["rows"]:
+        rate = r["throughput"]
+        table.append(
+            (
+                r["op"],
+                r["shape"],
+                r["impl"],
+                _ms(r["median_ms"]),
+                _ratio(r["vs_reference"], "-"),
+                _ratio(r["vs_torch"], "n/a"),
+                "-" if rate is None else f"{rate:.1f} {r['unit']}",
+                "-" if rate is None else f"{r['ceiling_pct']:.0f}%",
+                r["note"],
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    right = {3, 4, 5, 6, 7}
+    for row in table:
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, default_json: str) -> None:
+    """The options of ``bench/kernels.py`` and ``minidiff bench`` (the same for both)."""
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        metavar="OP",
+        help="only the kernel ops whose name contains one of these (e.g. --ops im2col softmax, "
+        "or --ops group_norm,softmax); default: every registered op",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        help=f"timed repeats per measurement (default {REPEATS['full']}; {REPEATS['quick']} with --quick)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one shape per op, few repeats, shorter ceiling runs"
+    )
+    parser.add_argument(
+        "--json", default=default_json, help=f"where to write the JSON (default: {default_json})"
+    )
+    parser.add_argument(
+        "--shapes",
+        choices=("full", "tiny"),
+        default="full",
+        help="tiny: smoke-test shapes and ceilings, for tests; its numbers mean nothing (default: full)",
+    )
+
+
+def run_from_args(args) -> int:
+    """Run what the parsed options ask, write the JSON, print the table last."""
+    report = run(
+        args.ops,
+        repeats=args.repeats,
+        quick=args.quick,
+        shapes=args.shapes,
+        progress=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    print(format_table(report))
+    return 0
+
+
+def main(argv=None, *, prog=None, default_json="minidiff-bench.json") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser, default_json)
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except ValueError as exc:  # --ops that matches nothing
+        parser.error(str(exc))

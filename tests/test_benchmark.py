@@ -1,0 +1,123 @@
+"""The kernel benchmark (minidiff.benchmark, bench/kernels.py, ``minidiff bench``).
+
+Runs use ``--shapes tiny`` (smoke-test shapes, an 8 MiB copy): these tests check what the
+benchmark produces, never how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minidiff import benchmark, kernels
+from minidiff.cli import main as cli_main
+
+ROW_KEYS = {
+    "op",
+    "shape",
+    "impl",
+    "median_ms",
+    "vs_reference",
+    "vs_torch",
+    "throughput",
+    "unit",
+    "ceiling_pct",
+    "max_abs_diff",
+    "note",
+}
+
+
+def tiny_run(tmp_path, *ops):
+    path = tmp_path / "kernels.json"
+    code = benchmark.main(["--quick", "--shapes", "tiny", "--json", str(path), "--ops", *ops])
+    assert code == 0
+    return json.loads(path.read_text())
+
+
+def test_ceilings_are_positive():
+    c = benchmark.measure_ceilings(*benchmark.CEILING_RUNS["tiny"])
+    assert c["gemm_gflops"] > 0 and math.isfinite(c["gemm_gflops"])
+    assert c["copy_gbs"] > 0 and math.isfinite(c["copy_gbs"])
+
+
+def test_quick_run_writes_rows_and_json(tmp_path, capsys):
+    pytest.importorskip("torch")
+    report = tiny_run(tmp_path, "im2col", "softmax_forward")
+    assert {"date", "machine", "options", "ceilings", "rows"} <= set(report)
+    assert report["machine"]["cores"] >= 1
+    assert report["ceilings"]["copy_gbs"] > 0
+    for op in ("im2col", "softmax_forward"):
+        rows = [r for r in report["rows"] if r["op"] == op]
+        assert {r["impl"] for r in rows} == set(kernels.implementations(op)) | {"torch"}
+        assert len({r["shape"] for r in rows}) == 1  # --quick: one shape per op
+        for r in rows:
+            assert set(r) == ROW_KEYS
+            assert r["median_ms"] > 0 and r["note"] == ""
+            assert r["unit"] == "GB/s" and r["throughput"] > 0 and r["ceiling_pct"] > 0
+            assert r["vs_reference"] > 0 and r["vs_torch"] > 0
+        assert next(r for r in rows if r["impl"] == "reference")["vs_reference"] == 1.0
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-1].startswith("softmax_forward") and "torch" in out[-1]  # the table comes last
+
+
+def test_every_factory_runs_every_implementation(tmp_path):
+    """Catches a factory left behind by a kernel whose signature changed."""
+    report = tiny_run(tmp_path, *benchmark.FACTORIES)
+    assert report["rows"]
+    for r in report["rows"]:
+        assert r["median_ms"] is not None and r["note"] == "", r
+
+
+def test_without_torch_the_column_says_na(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(benchmark, "_import_torch", lambda: None)
+    report = tiny_run(tmp_path, "group_norm_forward")
+    assert report["rows"] and all(r["impl"] != "torch" and r["vs_torch"] is None for r in report["rows"])
+    table = capsys.readouterr().out.splitlines()
+    assert all(" n/a " in line for line in table if line.startswith("group_norm_forward"))
+
+
+def test_an_op_without_factory_is_a_note(monkeypatch, tmp_path):
+    monkeypatch.delitem(benchmark.FACTORIES, "softmax_backward")
+    report = tiny_run(tmp_path, "softmax_backward")
+    (row,) = report["rows"]
+    assert row["median_ms"] is None and row["note"].startswith("no factory")
+
+
+def test_outputs_are_checked_against_the_reference():
+    x = np.ones((4, 4), np.float32)
+    case = benchmark.Case("x(4,4)", (x,), bytes=2 * x.nbytes)
+    impls = {"reference": lambda x: 2 * x, "numba": lambda x: 2 * x + 1, "native": lambda x: x[0, 5]}
+    ceilings = {"gemm_gflops": 1.0, "copy_gbs": 1.0}
+    rows = benchmark.bench_case("double", case, impls, None, ceilings, repeats=1, warmup=0)
+    ref, wrong, broken = rows
+    assert ref["note"] == "" and ref["max_abs_diff"] is None
+    assert wrong["note"].startswith("differs from the reference") and wrong["median_ms"] > 0
+    assert broken["note"].startswith("error: IndexError") and broken["median_ms"] is None
+
+
+def test_unknown_ops_filter_fails_with_the_known_ops(capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--ops", "no_such_op", "--shapes", "tiny"])
+    assert exc.value.code == 2
+    assert "im2col" in capsys.readouterr().err
+
+
+def test_cli_bench_help():
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--help"])
+    assert exc.value.code == 0
+
+
+def test_cli_bench_runs(tmp_path):
+    path = tmp_path / "out" / "bench.json"
+    assert cli_main(["bench", "--quick", "--shapes", "tiny", "--ops", "col2im", "--json", str(path)]) == 0
+    assert {r["op"] for r in json.loads(path.read_text())["rows"]} == {"col2im"}
+
+
+def test_module_does_not_import_torch():
+    code = "import sys, minidiff.benchmark; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
