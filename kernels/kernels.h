@@ -31,4 +31,29 @@ void group_norm_backward(const T* gy, const T* x, const T* weight, const T* mean
                          T* gx, double* gw_part, double* gb_part,
                          int64_t N, int64_t C, int64_t S, int64_t G);
 
+// -- diffusion.cpp: elementwise kernels over flat arrays ---------------------------------------
+// `parallel` says whether to split the work over OpenMP threads: the Python wrappers decide by
+// size (waking the sleeping workers costs more than a small memory-bound pass takes).
+
+// Elements per OpenMP task and per partial sum of squared_error_sum (CHUNK in
+// minidiff/kernels/diffusion.py).
+constexpr int64_t kChunk = 4096;
+
+// out[n, k] = a[n] x0[n, k] + s[n] noise[n, k] over (N, M), with a[n] = T(sqrt_abar[t[n]]) and
+// s[n] = T(sqrt_one_minus_abar[t[n]]) (rounded to T first). t must already lie in [0, T).
+template <typename T>
+void q_sample(const T* x0, const T* noise, const double* sqrt_abar,
+              const double* sqrt_one_minus_abar, const int64_t* t, T* out, int64_t N, int64_t M,
+              bool parallel);
+
+// Sum of (pred - target)^2 in double over chunks of kChunk elements (each summed in vector
+// lanes, an order fixed for a build and a CPU), the chunk sums added in order: the result does
+// not depend on the number of threads.
+template <typename T>
+double squared_error_sum(const T* pred, const T* target, int64_t n, bool parallel);
+
+// out = (pred - target) * scale, in T.
+template <typename T>
+void scaled_difference(const T* pred, const T* target, T scale, T* out, int64_t n, bool parallel);
+
 }  // namespace minidiff

@@ -160,12 +160,86 @@ void bind(py::module_& m) {
           "groups"_a, "(gx, gweight, gbias); gweight and gbias are None without weight.");
 }
 
+// -- diffusion.cpp --------------------------------------------------------------------------
+// The Python wrappers (minidiff/kernels/diffusion.py) pass flat C-contiguous arrays and decide
+// `parallel` by size.
+
+void require_same_size(const py::array& a, const py::array& b, const std::string& message) {
+    require(a.size() == b.size(), message);
+}
+
+template <typename T>
+carray<T> q_sample(carray<T> x0, carray<T> noise, carray<double> sqrt_abar,
+                   carray<double> sqrt_one_minus_abar, carray<int64_t> t, bool parallel) {
+    require(t.ndim() == 1, "q_sample: t must be 1-D");
+    const int64_t N = t.shape(0), size = x0.size();
+    require(noise.size() == size && (N ? size % N == 0 : size == 0),
+            "q_sample: x0 and noise must hold N rows of one length");
+    require(sqrt_abar.ndim() == 1 && sqrt_one_minus_abar.ndim() == 1 &&
+                sqrt_abar.shape(0) == sqrt_one_minus_abar.shape(0),
+            "q_sample: the tables must be 1-D and of one length");
+    const int64_t steps = sqrt_abar.shape(0);
+    const int64_t* tp = t.data();
+    for (int64_t n = 0; n < N; ++n) {  // never read the tables out of bounds
+        if (tp[n] < 0 || tp[n] >= steps)
+            throw py::value_error("q_sample: timesteps must lie in [0, " + std::to_string(steps) +
+                                  "), got " + std::to_string(tp[n]));
+    }
+    auto out = empty<T>({size});
+    const T *xp = x0.data(), *zp = noise.data();
+    const double *ap = sqrt_abar.data(), *sp = sqrt_one_minus_abar.data();
+    T* op = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::q_sample(xp, zp, ap, sp, tp, op, N, N ? size / N : 0, parallel);
+    }
+    return out;
+}
+
+template <typename T>
+double squared_error_sum(carray<T> pred, carray<T> target, bool parallel) {
+    require_same_size(pred, target, "squared_error_sum: pred and target differ in size");
+    const T *pp = pred.data(), *tp = target.data();
+    const int64_t n = pred.size();
+    py::gil_scoped_release release;
+    return minidiff::squared_error_sum(pp, tp, n, parallel);
+}
+
+template <typename T>
+carray<T> scaled_difference(carray<T> pred, carray<T> target, double scale, bool parallel) {
+    require_same_size(pred, target, "scaled_difference: pred and target differ in size");
+    const int64_t n = pred.size();
+    auto out = empty<T>({n});
+    const T *pp = pred.data(), *tp = target.data();
+    T* op = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::scaled_difference(pp, tp, T(scale), op, n, parallel);
+    }
+    return out;
+}
+
+template <typename T>
+void bind_diffusion(py::module_& m) {
+    m.def("q_sample", &q_sample<T>, "x0"_a.noconvert(), "noise"_a.noconvert(),
+          "sqrt_abar"_a.noconvert(), "sqrt_one_minus_abar"_a.noconvert(), "t"_a.noconvert(),
+          "parallel"_a, "x_t of flat x0, noise (N rows); see minidiff/kernels/diffusion.py.");
+    m.def("squared_error_sum", &squared_error_sum<T>, "pred"_a.noconvert(),
+          "target"_a.noconvert(), "parallel"_a,
+          "Sum of (pred - target)^2 in double, in fixed chunks (deterministic).");
+    m.def("scaled_difference", &scaled_difference<T>, "pred"_a.noconvert(),
+          "target"_a.noconvert(), "scale"_a, "parallel"_a,
+          "(pred - target) * scale, flat, in the arrays' dtype.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "Native CPU kernels of minidiff (C++, OpenMP). Use them through minidiff.kernels.";
     bind<float>(m);
     bind<double>(m);
+    bind_diffusion<float>(m);
+    bind_diffusion<double>(m);
 #ifdef _OPENMP
     m.attr("openmp") = true;
     m.def("openmp_max_threads", [] { return omp_get_max_threads(); });

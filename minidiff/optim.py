@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import get_array_module, to_device
 
 
@@ -65,6 +66,18 @@ def _arrays_like_params(arrays, params, what, where):
     return out
 
 
+def _update_in_place(kernel, target, *args):
+    """``kernel(target, *args)`` for a kernel that updates ``target`` in place. The kernels take
+    C-contiguous arrays only; a parameter that is some other view is updated through a
+    contiguous copy, written back."""
+    if target.flags.c_contiguous:
+        kernel(target, *args)
+        return
+    work = get_array_module(target).ascontiguousarray(target)
+    kernel(work, *args)
+    target[...] = work
+
+
 class SGD(Optimizer):
     def __init__(self, params, lr, momentum=0.0):
         super().__init__(params, lr)
@@ -108,33 +121,36 @@ class Adam(Optimizer):
             raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
         self.betas, self.eps = tuple(betas), eps
         self.weight_decay, self.decoupled = weight_decay, decoupled
-        self.m = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
-        self.v = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
+        # C-contiguous whatever the parameter's layout: the kernels update them in place
+        self.m = [get_array_module(p.data).zeros(p.data.shape, p.data.dtype) for p in self.params]
+        self.v = [get_array_module(p.data).zeros(p.data.shape, p.data.dtype) for p in self.params]
         # steps taken per parameter: one without a gradient is skipped, moments and all
         self.steps = [0] * len(self.params)
 
     def step(self):
+        """One step for every parameter with a gradient: kernels.adam_update, one fused pass
+        per parameter (bias corrections folded into the step size; see minidiff/kernels/optim.py)."""
         self.step_count += 1
         b1, b2 = self.betas
         for i, (p, m, v) in enumerate(zip(self.params, self.m, self.v)):
             if p.grad is None:
                 continue
             self.steps[i] += 1
-            # bias corrections folded into the step size (the paper's Algorithm 1 footnote)
-            c1 = 1 - b1 ** self.steps[i]
-            c2 = 1 - b2 ** self.steps[i]
-            step_size = self.lr * math.sqrt(c2) / c1
-            eps = self.eps * math.sqrt(c2)
-            g = p.grad
-            if self.weight_decay and not self.decoupled:
-                g = g + self.weight_decay * p.data
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * (g * g)
-            if self.weight_decay and self.decoupled:
-                p.data *= 1 - self.lr * self.weight_decay
-            p.data -= step_size * m / (get_array_module(v).sqrt(v) + eps)
+            grad = p.grad if p.grad.dtype == p.data.dtype else p.grad.astype(p.data.dtype)
+            _update_in_place(
+                kernels.adam_update,
+                p.data,
+                grad,
+                m,
+                v,
+                self.lr,
+                b1,
+                b2,
+                self.eps,
+                self.steps[i],
+                self.weight_decay,
+                self.decoupled,
+            )
 
     def state_dict(self) -> dict:
         return {
@@ -200,8 +216,7 @@ class EMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
         for s, p in zip(self.shadow, self.params):
-            s *= d
-            s += (1 - d) * p.data
+            kernels.ema_update(s, p.data if p.data.dtype == s.dtype else p.data.astype(s.dtype), d)
 
     def copy_to(self, params):
         for s, p in zip(self.shadow, params):

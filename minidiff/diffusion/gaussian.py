@@ -14,8 +14,10 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from .. import functional as F
+from .. import kernels
 from ..autograd import no_grad
 from ..backend import get_array_module, to_device
+from ..ops.loss import MSELoss
 from ..tensor import Tensor
 from .schedule import make_betas
 
@@ -81,14 +83,15 @@ class GaussianDiffusion:
         return t
 
     def q_sample(self, x0, t, noise):
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, on raw arrays."""
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, on raw arrays (kernels.q_sample;
+        x0 and noise of different dtypes are first promoted to a common one)."""
         t = self._check_t(t, x0.shape[0])
         if noise.shape != x0.shape:
             raise ValueError(f"q_sample: noise {noise.shape} and x0 {x0.shape} differ in shape")
-        return (
-            _per_sample(self.sqrt_alphas_cumprod, t, x0) * x0
-            + _per_sample(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-        )
+        if noise.dtype != x0.dtype:
+            dtype = np.result_type(x0.dtype, noise.dtype)
+            x0, noise = x0.astype(dtype, copy=False), noise.astype(dtype, copy=False)
+        return kernels.q_sample(x0, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, t)
 
     def q_posterior(self, x0, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -150,7 +153,7 @@ class GaussianDiffusion:
         out = model(Tensor._wrap(x_t), t, y) if y is not None else model(Tensor._wrap(x_t), t)
         target = Tensor._wrap(self.target(data, noise, t))
         if self.min_snr_gamma is None:
-            return F.mse_loss(out, target)
+            return _mse_loss(out, target)
         weights = xp.asarray(self.loss_weights(t), dtype=data.dtype).reshape((-1,) + (1,) * (data.ndim - 1))
         return F.mean(F.mse_loss(out, target, reduction="none") * Tensor._wrap(weights))
 
@@ -216,6 +219,15 @@ class GaussianDiffusion:
             "terms": terms * to_bits,
             "decoder": decoder * to_bits,
         }
+
+
+def _mse_loss(out, target) -> Tensor:
+    """F.mse_loss(out, target), fused into one kernel pass each way (MSELoss) when ``out`` is a
+    Tensor of the target's shape and dtype; anything else goes to F.mse_loss, which converts it
+    or raises as it always did."""
+    if isinstance(out, Tensor) and out.shape == target.shape and out.dtype == target.dtype:
+        return MSELoss.apply(out, target)
+    return F.mse_loss(out, target)
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):

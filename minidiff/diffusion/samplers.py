@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from ..autograd import no_grad
 from ..backend import Device, get_array_module
 from ..tensor import Tensor
@@ -85,10 +86,17 @@ def ddpm_sample(
         t = np.full(shape[0], step)
         out = model_output(model, diffusion, x, t, y, guidance, null_class)
         _, x0 = diffusion.split_prediction(out, x, t)
-        if clip_denoised:
-            x0 = xp.clip(x0, -1, 1)
-        mean, _, _ = diffusion.q_posterior(x0, x, t)
-        x = mean + sigmas[step].astype(dtype) * _normal(rng, shape, dtype, xp) if step > 0 else mean
+        noise = _normal(rng, shape, dtype, xp) if step > 0 else None
+        # the posterior mean of q(x_{t-1} | x_t, x0) plus sigma_t z, x0 clipped first: one pass
+        x = kernels.ddpm_step(
+            x,
+            x0.astype(x.dtype, copy=False),  # a model may answer in another dtype
+            noise,
+            diffusion.posterior_mean_coef_x0[step],
+            diffusion.posterior_mean_coef_xt[step],
+            sigmas[step],
+            clip=clip_denoised,
+        )
     return x
 
 
@@ -133,13 +141,21 @@ def ddim_sample(
         t = np.full(shape[0], step)
         out = model_output(model, diffusion, x, t, y, guidance, null_class)
         eps, x0 = diffusion.split_prediction(out, x, t)
-        if clip_denoised:
-            x0 = xp.clip(x0, -1, 1)
-            eps = diffusion.eps_from_x0(x0, x, t)
         a_t, a_prev = abar[step], (abar[prev] if prev >= 0 else 1.0)
         sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(1 - a_t / a_prev)
         direction = np.sqrt(max(1 - a_prev - sigma**2, 0.0))
-        x = np.sqrt(a_prev).astype(dtype) * x0 + direction.astype(dtype) * eps
-        if sigma > 0:
-            x = x + sigma.astype(dtype) * _normal(rng, shape, dtype, xp)
+        noise = _normal(rng, shape, dtype, xp) if sigma > 0 else None
+        # with clip_denoised the kernel clips x0 and uses the eps it implies (eps_from_x0)
+        x = kernels.ddim_step(
+            x,
+            eps.astype(x.dtype, copy=False),  # a model may answer in another dtype
+            x0.astype(x.dtype, copy=False),
+            noise,
+            diffusion.sqrt_alphas_cumprod[step],
+            diffusion.sqrt_one_minus_alphas_cumprod[step],
+            np.sqrt(a_prev),
+            direction,
+            sigma,
+            clip=clip_denoised,
+        )
     return x

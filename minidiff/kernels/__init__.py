@@ -1,8 +1,8 @@
 """Kernels: plain-array functions behind the ops, each with a reference and faster versions.
 
 Kernels take and return NumPy or CuPy arrays, never Tensors. Each family file (conv.py,
-norm.py, attention.py) holds the reference, Numba CPU and native versions side by side; the
-functions below dispatch to the one selected:
+norm.py, attention.py, diffusion.py, optim.py) holds the reference, Numba CPU and native
+versions side by side; the functions below dispatch to the one selected:
 
     from minidiff import kernels
     kernels.available()            # {"reference": (True, ...), "numba": ..., "native": ...}
@@ -12,7 +12,8 @@ functions below dispatch to the one selected:
     kernels.which("im2col")        # the implementation that runs im2col on NumPy arrays now
 """
 
-from . import attention, conv, norm  # noqa: F401  (importing them registers the implementations)
+# importing the family files registers their implementations
+from . import attention, conv, diffusion, norm, optim  # noqa: F401
 from .registry import IMPLEMENTATIONS, available, current, dispatcher, implementations, register, use, which
 
 # conv.py
@@ -26,6 +27,15 @@ group_norm_silu_backward = dispatcher("group_norm_silu_backward")
 # attention.py
 softmax_forward = dispatcher("softmax_forward")
 softmax_backward = dispatcher("softmax_backward")
+# diffusion.py
+q_sample = dispatcher("q_sample")
+mse_loss_forward = dispatcher("mse_loss_forward")
+mse_loss_backward = dispatcher("mse_loss_backward")
+ddpm_step = dispatcher("ddpm_step")
+ddim_step = dispatcher("ddim_step")
+# optim.py
+adam_update = dispatcher("adam_update")
+ema_update = dispatcher("ema_update")
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -43,4 +53,11 @@ __all__ = [
     "group_norm_silu_backward",
     "softmax_forward",
     "softmax_backward",
+    "q_sample",
+    "mse_loss_forward",
+    "mse_loss_backward",
+    "ddpm_step",
+    "ddim_step",
+    "adam_update",
+    "ema_update",
 ]
