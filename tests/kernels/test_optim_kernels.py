@@ -86,6 +86,14 @@ def copies(case):
     return param.copy(), grad, m.copy(), v.copy(), h
 
 
+@pytest.mark.parametrize("op", ["adam_update", "ema_update"])
+def test_every_op_has_a_reference_and_documents_it(op):
+    impls_ = kernels.implementations(op)
+    assert "reference" in impls_
+    assert all(kernels.available()[name][0] for name in impls_)
+    assert getattr(kernels, op).__doc__ == impls_["reference"].__doc__
+
+
 # -- Adam ----------------------------------------------------------------------------------------
 
 
