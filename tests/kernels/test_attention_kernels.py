@@ -6,32 +6,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_params import impls as _impls
+from kernel_params import make_array
 
 from minidiff import kernels
 
 IMPLS = ("reference", "numba")  # there is no native softmax
-TOL = {np.float32: dict(atol=1e-5, rtol=1e-4), np.float64: dict(atol=1e-12, rtol=1e-10)}
 
 
 def impls(op, names=IMPLS):
-    """pytest params: the registered implementations of ``op``, the missing ones skipped with why."""
-    registered = kernels.implementations(op)
-    params = []
-    for name in names:
-        ok, why = kernels.available()[name]
-        reason = None if name in registered else (why if not ok else f"no {name} version of {op}")
-        mark = pytest.mark.skipif(reason is not None, reason=str(reason))
-        params.append(pytest.param(registered.get(name), id=name, marks=mark))
-    return params
+    return _impls(op, names=names)
 
 
-def make_array(rng, shape, dtype, layout):
-    """Random array of ``shape``: C-contiguous, a transposed view, or a strided slice."""
-    if layout == "transposed":
-        return rng.standard_normal(shape[::-1]).astype(dtype).T
-    if layout == "strided":
-        return rng.standard_normal((*shape[:-1], 2 * shape[-1])).astype(dtype)[..., ::2]
-    return rng.standard_normal(shape).astype(dtype)
+TOL = {np.float32: dict(atol=1e-5, rtol=1e-4), np.float64: dict(atol=1e-12, rtol=1e-10)}
 
 
 @st.composite

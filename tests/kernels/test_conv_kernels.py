@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_params import make_array
 
 from minidiff import kernels
 
@@ -24,15 +25,6 @@ def impls(*ops, names=kernels.IMPLEMENTATIONS):
         mark = pytest.mark.skipif(reason is not None, reason=str(reason))
         params.append(pytest.param(fns[0] if len(ops) == 1 else fns, id=name, marks=mark))
     return params
-
-
-def make_array(rng, shape, dtype, layout):
-    """Random array of ``shape``: C-contiguous, a transposed view, or a strided slice."""
-    if layout == "transposed":
-        return rng.standard_normal(shape[::-1]).astype(dtype).T
-    if layout == "strided":
-        return rng.standard_normal((*shape[:-1], 2 * shape[-1])).astype(dtype)[..., ::2]
-    return rng.standard_normal(shape).astype(dtype)
 
 
 @st.composite

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kernel_params import impls, make_array
 
 from minidiff import kernels
 from minidiff.kernels import diffusion as kd
@@ -18,18 +19,6 @@ from minidiff.testing import tolerance
 DTYPES = (np.float32, np.float64)
 FAST = ("numba", "native")
 OPS = ("q_sample", "mse_loss_forward", "mse_loss_backward", "ddpm_step", "ddim_step")
-
-
-def impls(op, names=kernels.IMPLEMENTATIONS):
-    """pytest params: the registered implementations of ``op``, the missing ones skipped with why."""
-    registered = kernels.implementations(op)
-    params = []
-    for name in names:
-        ok, why = kernels.available()[name]
-        reason = None if name in registered else (why if not ok else f"no {name} version of {op}")
-        mark = pytest.mark.skipif(reason is not None, reason=str(reason))
-        params.append(pytest.param(registered.get(name), id=name, marks=mark))
-    return params
 
 
 def reference(op):
@@ -45,15 +34,6 @@ def threads(parallel):
         yield
     finally:
         kd.PARALLEL_MIN = saved
-
-
-def make_array(rng, shape, dtype, layout, scale=1.0):
-    """Random array of ``shape``: C-contiguous, a transposed view, or a strided slice."""
-    if layout == "transposed":
-        return (scale * rng.standard_normal(shape[::-1])).astype(dtype).T
-    if layout == "strided" and shape:
-        return (scale * rng.standard_normal((*shape[:-1], 2 * shape[-1]))).astype(dtype)[..., ::2]
-    return (scale * rng.standard_normal(shape)).astype(dtype)
 
 
 def close(actual, expected, dtype):

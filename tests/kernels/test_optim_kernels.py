@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kernel_params import impls
 
 from minidiff import kernels
 from minidiff.kernels import diffusion as kd
@@ -19,18 +20,6 @@ from minidiff.testing import tolerance
 
 DTYPES = (np.float32, np.float64)
 FAST = ("numba", "native")
-
-
-def impls(op, names=kernels.IMPLEMENTATIONS):
-    """pytest params: the registered implementations of ``op``, the missing ones skipped with why."""
-    registered = kernels.implementations(op)
-    params = []
-    for name in names:
-        ok, why = kernels.available()[name]
-        reason = None if name in registered else (why if not ok else f"no {name} version of {op}")
-        mark = pytest.mark.skipif(reason is not None, reason=str(reason))
-        params.append(pytest.param(registered.get(name), id=name, marks=mark))
-    return params
 
 
 @contextlib.contextmanager
