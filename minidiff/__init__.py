@@ -1,9 +1,11 @@
 """minidiff: diffusion models and reverse-mode autodiff, from scratch on NumPy and CuPy."""
 
-from . import diffusion, functional, nn, optim
+from . import diffusion, functional, nn, optim, runtime
 from .autograd import Function, is_grad_enabled, no_grad
 from .backend import Device, cuda_available
 from .tensor import Tensor, ones, randn, tensor, zeros
+
+runtime.apply()
 
 __version__ = "0.1.0"
 

@@ -18,10 +18,25 @@ def _version(module: str) -> str:
         return f"broken ({type(exc).__name__}: {exc})"
 
 
+def _blas_kernels() -> str:
+    """The BLAS NumPy uses and the CPU kernels it picked (through threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (threadpoolctl is not installed)"
+    found = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    if not found:
+        return "unknown"
+    blas = found[0]
+    arch = f", {blas['architecture']} kernels" if blas.get("architecture") else ""
+    name = f"{blas.get('internal_api', 'blas')} {blas.get('version', '')}"
+    return f"{name}{arch}, {blas.get('num_threads')} threads"
+
+
 def info_lines() -> list[str]:
     """What ``minidiff info`` prints: versions, devices, kernel implementations."""
     import minidiff
-    from minidiff import backend, kernels
+    from minidiff import backend, kernels, runtime
 
     lines = [f"minidiff {minidiff.__version__}", f"python {platform.python_version()} ({sys.executable})"]
     lines.append("packages:")
@@ -38,6 +53,9 @@ def info_lines() -> list[str]:
             lines.append(f"  cuda:{i:<6} {name}")
     else:
         lines.append(f"  cuda        unavailable: {reason}")
+    lines.append("process settings:")
+    lines.append(f"  blas        {_blas_kernels()}")
+    lines.append(f"  malloc      {runtime.malloc_note()}")
     lines.append(f"kernels (selected: {kernels.current()}):")
     for name, (ok, why) in kernels.available().items():
         lines.append(f"  {name:<11} {'available' if ok else 'missing'}: {why}")

@@ -111,6 +111,33 @@ def test_conv2d_under_each_kernel_implementation(impl, stride, padding, k):
         )
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 200])  # one sample per chunk; two samples per chunk
+@pytest.mark.parametrize("stride, padding, k", [(1, 1, 3), (2, 0, 2)])
+def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, padding, k):
+    """The CPU path unfolds a few samples at a time; values and gradients do not depend on it."""
+    from minidiff.ops import conv as conv_op
+
+    rng = np.random.default_rng(k)
+    x, w, b = rng.standard_normal((5, 2, 4, 5)), rng.standard_normal((3, 2, k, k)), rng.standard_normal(3)
+
+    def run():
+        tx, tw, tb = leaf(x), leaf(w), leaf(b)
+        out = F.conv2d(tx, tw, tb, stride=stride, padding=padding)
+        (out * out).sum().backward()
+        return out.numpy(), tx.grad, tw.grad, tb.grad
+
+    whole = run()
+    monkeypatch.setattr(conv_op, "COLS_CHUNK_BYTES", chunk_bytes)
+    chunks = conv_op.Conv2d()._chunks(x, k, k, 8)
+    assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == 5
+    chunked = run()
+    expected = ref_conv2d(x, w, b, (stride,) * 2, (padding,) * 2)
+    np.testing.assert_allclose(chunked[0], expected, **tolerance(np.float64))
+    for got, expected in zip(chunked, whole):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert gradcheck(lambda *ts: F.conv2d(*ts, stride=stride, padding=padding), leaf(x[:3]), leaf(w), leaf(b))
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 
