@@ -1,4 +1,4 @@
-"""Shared test setup: hypothesis profiles, the tests/ import path, float64 leaf tensors.
+"""Shared test setup: hypothesis profiles, the CUDA simulator, the tests/ import path, float64 leaves.
 
 Hypothesis profiles (pick one with the HYPOTHESIS_PROFILE environment variable):
 
@@ -8,6 +8,13 @@ Hypothesis profiles (pick one with the HYPOTHESIS_PROFILE environment variable):
 
     HYPOTHESIS_PROFILE=thorough python -m pytest tests/ops
 
+CUDA kernels without a GPU: unless NUMBA_ENABLE_CUDASIM is already set, this file sets it to 1
+when there is no usable GPU (CuPy is not installed, or finds no CUDA device), before anything
+imports numba. The Numba CUDA kernels then run in Numba's simulator, each thread a Python thread
+on NumPy arrays, and tests/kernels/test_cuda_kernels.py checks them there; on a machine with a
+GPU they run on the device, on CuPy arrays. ``NUMBA_ENABLE_CUDASIM=0`` turns the simulator off
+(the CUDA tests are then skipped without a GPU).
+
 Known minidiff bugs: a test that demonstrates one carries ``@pytest.mark.minidiff_bug("...")``
 and runs as a strict xfail, so the suite stays usable while the bug is open and fails loudly
 (XPASS strict) once it is fixed and the marker should go. ``MINIDIFF_KNOWN_BUGS=fail`` runs
@@ -16,12 +23,30 @@ those tests as ordinary tests, to see the failures themselves.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+
+def _usable_gpu() -> bool:
+    """Whether CuPy imports and sees a CUDA device (asked without importing numba)."""
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or a CUDA runtime or driver error
+        return False
+
+
+# Numba reads NUMBA_ENABLE_CUDASIM when it is first imported: this must precede the imports below.
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _usable_gpu():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Test modules import the shared strategies as ``from strategies import ...``. pytest's default
 # import mode already puts tests/ on sys.path for this conftest; say so explicitly all the same,

@@ -1,15 +1,17 @@
 """Kernels: plain-array functions behind the ops, each with a reference and faster versions.
 
 Kernels take and return NumPy or CuPy arrays, never Tensors. Each family file (conv.py,
-norm.py, attention.py, diffusion.py, optim.py) holds the reference, Numba CPU and native
-versions side by side; the functions below dispatch to the one selected:
+norm.py, attention.py, diffusion.py, optim.py) holds the reference, Numba CPU, native and Numba
+CUDA versions side by side; the functions below dispatch to the one selected, by the device of
+the first array (NumPy: a CPU version; CuPy: the CUDA version) and the user's choice:
 
     from minidiff import kernels
-    kernels.available()            # {"reference": (True, ...), "numba": ..., "native": ...}
-    kernels.use("numba")           # or "reference", "native", "auto" (default; MINIDIFF_KERNELS)
+    kernels.available()            # {"reference": (True, ...), "numba": ..., "native": ..., "cuda": ...}
+    kernels.use("numba")           # or "reference", "native", "cuda", "auto" (default; MINIDIFF_KERNELS)
     with kernels.use("reference"):
         cols = kernels.im2col(x, 3, 3, (1, 1), (1, 1))
-    kernels.which("im2col")        # the implementation that runs im2col on NumPy arrays now
+    kernels.which("im2col")                  # the implementation that runs im2col on NumPy arrays now
+    kernels.which("im2col", device="cuda")   # ... and on CuPy arrays
 """
 
 # importing the family files registers their implementations

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_params import make_array
+from kernel_params import CPU_IMPLEMENTATIONS, make_array
 
 from minidiff import kernels
 
 TOL = {np.float32: dict(atol=1e-5, rtol=1e-4), np.float64: dict(atol=1e-12, rtol=1e-10)}
 
 
-def impls(*ops, names=kernels.IMPLEMENTATIONS):
+def impls(*ops, names=CPU_IMPLEMENTATIONS):
     """pytest params, one per implementation: its function for each of ``ops`` (one op: the
     function itself); implementations this machine lacks are skipped with the reason."""
     params = []

@@ -36,10 +36,17 @@ needs_numba = pytest.mark.skipif(not kernels.available()["numba"][0], reason=ker
 needs_native = pytest.mark.skipif(
     not kernels.available()["native"][0], reason=kernels.available()["native"][1]
 )
+needs_cuda = pytest.mark.skipif(not kernels.available()["cuda"][0], reason=kernels.available()["cuda"][1])
+
+
+class DeviceArray:
+    """Stands for a CuPy array in the dispatcher: not a NumPy array, has __cuda_array_interface__."""
+
+    __cuda_array_interface__ = {}
 
 
 def test_names_and_availability():
-    assert kernels.IMPLEMENTATIONS == ("reference", "numba", "native")
+    assert kernels.IMPLEMENTATIONS == ("reference", "numba", "native", "cuda")
     status = kernels.available()
     assert set(status) == set(kernels.IMPLEMENTATIONS)
     assert status["reference"][0] is True
@@ -62,8 +69,8 @@ def test_every_op_has_a_reference_and_only_available_implementations():
 
 
 def test_use_rejects_unknown_names():
-    with pytest.raises(ValueError, match="'auto', 'reference', 'numba', 'native'"):
-        kernels.use("cuda")
+    with pytest.raises(ValueError, match="'auto', 'reference', 'numba', 'native', 'cuda'"):
+        kernels.use("opencl")
     with pytest.raises(ValueError):
         kernels.register("im2col", "fortran")
 
@@ -188,3 +195,120 @@ def test_environment_variable_in_a_fresh_process():
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["reference", "reference"]
+
+
+# -- the CUDA kernels: device arrays, use("cuda"), which(device=...) -----------------------------
+
+
+@pytest.fixture
+def fake_gpu_op(monkeypatch):
+    """A test-only op with reference, numba and cuda versions that say which one ran; CUDA counts
+    as usable (whatever this machine has) unless a test says otherwise."""
+    monkeypatch.setattr(registry, "_cuda_missing", None)
+    monkeypatch.setitem(registry._AVAILABLE, "cuda", (True, "pretend there is a GPU"))
+    op = "_test_only_gpu_op"
+    for impl in ("reference", "numba", "cuda"):
+        registry.register(op, impl)(lambda x, impl=impl: impl)
+    yield op, registry.dispatcher(op)
+    registry._TABLE.pop(op, None)
+    registry._selected.clear()
+
+
+@needs_numba
+def test_numpy_arrays_never_run_the_cuda_kernels(fake_gpu_op):
+    op, dispatch = fake_gpu_op
+    cases = [("auto", "numba"), ("numba", "numba"), ("reference", "reference"), ("cuda", "numba")]
+    for choice, expected in cases:
+        with kernels.use(choice):
+            assert dispatch(np.zeros(1)) == expected, choice
+            assert kernels.which(op) == expected
+
+
+@needs_numba
+def test_device_arrays_run_the_cuda_kernels_unless_the_reference_is_chosen(fake_gpu_op):
+    op, dispatch = fake_gpu_op
+    cases = [("auto", "cuda"), ("numba", "cuda"), ("cuda", "cuda"), ("reference", "reference")]
+    for choice, expected in cases:
+        with kernels.use(choice):
+            assert dispatch(DeviceArray()) == expected, choice
+            assert kernels.which(op, device="cuda") == expected
+            assert kernels.which(op, device="cuda:1") == expected
+    assert dispatch(object()) == "reference"  # neither a NumPy nor a device array
+
+
+@needs_numba
+def test_device_arrays_run_the_reference_where_cuda_is_not_usable(fake_gpu_op, monkeypatch):
+    op, dispatch = fake_gpu_op
+    monkeypatch.setitem(registry._AVAILABLE, "cuda", (False, "no CUDA GPU here (test)"))
+    with kernels.use("auto"):
+        assert dispatch(DeviceArray()) == "reference"
+        assert kernels.which(op, device="cuda") == "reference"
+        assert set(kernels.implementations(op, device="cuda")) == {"reference"}
+    before = kernels.current()
+    with pytest.raises(RuntimeError, match=r"'cuda'.*not available: no CUDA GPU here \(test\)"):
+        kernels.use("cuda")
+    assert kernels.current() == before
+
+
+@needs_numba
+def test_device_arrays_of_an_op_without_a_cuda_version_run_the_reference(fake_op):
+    op, dispatch = fake_op
+    with kernels.use("numba"):
+        assert dispatch(DeviceArray()) == "reference"
+        assert kernels.which(op, device="cuda") == "reference"
+
+
+def test_implementations_by_device(fake_gpu_op):
+    op, _ = fake_gpu_op
+    cpu = kernels.implementations(op)
+    assert "cuda" not in cpu and cpu == kernels.implementations(op, device="cpu")
+    assert set(kernels.implementations(op, device="cuda")) == {"reference", "cuda"}
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'.*'tpu'"):
+        kernels.implementations(op, device="tpu")
+    with pytest.raises(ValueError, match="device must be"):
+        kernels.which(op, device="gpu")
+
+
+def test_cuda_versions_are_registered_only_where_numba_cuda_imports(monkeypatch):
+    monkeypatch.setattr(registry, "_cuda_missing", "numba.cuda cannot be imported (test)")
+    op = "_test_only_cpu_only_op"
+    try:
+        registry.register(op, "reference")(lambda x: "reference")
+        registry.register(op, "cuda")(lambda x: "cuda")
+        assert set(registry._TABLE[op]) == {"reference"}
+    finally:
+        registry._TABLE.pop(op, None)
+
+
+@needs_cuda
+def test_use_cuda_leaves_numpy_arrays_to_auto():
+    with kernels.use("auto"):
+        auto = {op: kernels.which(op) for op in ("im2col", "softmax_forward", "adam_update")}
+    with kernels.use("cuda"):
+        assert kernels.current() == "cuda"
+        assert {op: kernels.which(op) for op in auto} == auto
+        x = np.random.default_rng(0).standard_normal((1, 2, 4, 4))
+        np.testing.assert_array_equal(
+            kernels.im2col(x, 3, 3, (1, 1), (1, 1)),
+            kernels.implementations("im2col")["reference"](x, 3, 3, (1, 1), (1, 1)),
+        )
+
+
+def test_without_a_cuda_driver_numba_cuda_is_not_even_imported():
+    """``import minidiff`` on a machine without a GPU pays nothing for the CUDA kernels."""
+    if registry._cuda_driver_present():
+        pytest.skip("this machine has a CUDA driver")
+    code = (
+        "import sys; from minidiff import kernels; print('numba.cuda' in sys.modules); "
+        "print(kernels.available()['cuda'][1])\n"
+        "try:\n    kernels.use('cuda')\nexcept RuntimeError as exc:\n    print(exc)"
+    )
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
+    )
+    imported, why, error = out.stdout.splitlines()
+    assert imported == "False"
+    assert why.startswith("no CUDA driver library")
+    assert error.startswith("kernel implementation 'cuda' (from use()) is not available: no CUDA driver")
