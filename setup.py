@@ -21,7 +21,10 @@ except ImportError:  # only without build isolation: pyproject.toml's build requ
 
 # (compile flags, link flags) per compiler type; others build without OpenMP.
 OPENMP_FLAGS = {"unix": (["-fopenmp"], ["-fopenmp"]), "msvc": (["/openmp"], [])}
-OPTIMIZE_FLAGS = {"unix": ["-O3"]}
+# -fno-trapping-math: minidiff never enables floating-point traps, and without it GCC keeps the
+# loops with a float-to-int conversion or a clamp (the vectorized exp of SiLU) scalar, six times
+# slower. It changes no result (unlike -ffast-math: no reassociation, no contraction).
+OPTIMIZE_FLAGS = {"unix": ["-O3", "-fno-trapping-math"]}
 
 
 def warn(message):

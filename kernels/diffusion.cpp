@@ -11,12 +11,6 @@
 
 #include "kernels.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MINIDIFF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MINIDIFF_VECTOR_CLONES
-#endif
-
 namespace minidiff {
 
 namespace {

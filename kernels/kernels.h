@@ -4,6 +4,15 @@
 
 #include <cstdint>
 
+// The build targets baseline x86-64 (SSE2). MINIDIFF_VECTOR_CLONES on a function adds an AVX2
+// clone of it, picked at load time on CPUs that have it (AVX2 only: no FMA, so no fused
+// multiply-add changes the rounding).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MINIDIFF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MINIDIFF_VECTOR_CLONES
+#endif
+
 namespace minidiff {
 
 // Geometry of a 2-D convolution over x (N, C, H, W) with zero padding; Ho, Wo the output size.
@@ -30,6 +39,22 @@ template <typename T>
 void group_norm_backward(const T* gy, const T* x, const T* weight, const T* mean, const T* rstd,
                          T* gx, double* gw_part, double* gb_part,
                          int64_t N, int64_t C, int64_t S, int64_t G);
+
+// Group norm + SiLU with an optional per-(sample, channel) shift of the input (N, C), one pass:
+// u = group_norm(x + shift) * weight + bias, y = u * sigmoid(u). weight, bias, shift may be null
+// (weight and bias both or neither). Statistics in double; the elementwise part in T.
+template <typename T>
+void group_norm_silu_forward(const T* x, const T* weight, const T* bias, const T* shift, T* y,
+                             T* mean, T* rstd, int64_t N, int64_t C, int64_t S, int64_t G,
+                             double eps);
+
+// gx (N, C, S); per-sample channel sums gw_part, gb_part (N, C) in double (null without weight);
+// gshift (N, C), the sum of gx over S (null without shift).
+template <typename T>
+void group_norm_silu_backward(const T* gy, const T* x, const T* weight, const T* bias,
+                              const T* shift, const T* mean, const T* rstd, T* gx,
+                              double* gw_part, double* gb_part, T* gshift, int64_t N, int64_t C,
+                              int64_t S, int64_t G);
 
 // -- diffusion.cpp: elementwise kernels over flat arrays ---------------------------------------
 // `parallel` says whether to split the work over OpenMP threads: the Python wrappers decide by

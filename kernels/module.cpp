@@ -108,6 +108,26 @@ py::tuple group_norm_forward(carray<T> x, std::optional<carray<T>> weight,
     return py::make_tuple(y, mean, rstd);
 }
 
+// (gweight, gbias) (C,): the per-sample partial sums (N, C) reduced over N, serially (C * N is
+// small), in double, then rounded to T.
+template <typename T>
+std::pair<carray<T>, carray<T>> sum_over_samples(const std::vector<double>& gw_part,
+                                                 const std::vector<double>& gb_part, int64_t N, int64_t C) {
+    auto gweight = empty<T>({C});
+    auto gbias = empty<T>({C});
+    T *gwp = gweight.mutable_data(), *gbp = gbias.mutable_data();
+    for (int64_t c = 0; c < C; ++c) {
+        double sw = 0.0, sb = 0.0;
+        for (int64_t n = 0; n < N; ++n) {
+            sw += gw_part[n * C + c];
+            sb += gb_part[n * C + c];
+        }
+        gwp[c] = T(sw);
+        gbp[c] = T(sb);
+    }
+    return {gweight, gbias};
+}
+
 template <typename T>
 py::tuple group_norm_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
                               carray<T> mean, carray<T> rstd, int64_t groups) {
@@ -130,20 +150,80 @@ py::tuple group_norm_backward(carray<T> gy, carray<T> x, std::optional<carray<T>
                                       w ? gb_part.data() : nullptr, N, C, S, groups);
     }
     if (!w) return py::make_tuple(gx, py::none(), py::none());
-    // Reduce the per-sample partial sums over N here, serially: C * N is small.
-    auto gweight = empty<T>({C});
-    auto gbias = empty<T>({C});
-    T *gwp = gweight.mutable_data(), *gbp = gbias.mutable_data();
-    for (int64_t c = 0; c < C; ++c) {
-        double sw = 0.0, sb = 0.0;
-        for (int64_t n = 0; n < N; ++n) {
-            sw += gw_part[n * C + c];
-            sb += gb_part[n * C + c];
-        }
-        gwp[c] = T(sw);
-        gbp[c] = T(sb);
-    }
+    auto [gweight, gbias] = sum_over_samples<T>(gw_part, gb_part, N, C);
     return py::make_tuple(gx, gweight, gbias);
+}
+
+// Checks that an optional (N, C) array has that shape and returns its data (null for None).
+template <typename T>
+const T* sample_channel_data(const std::optional<carray<T>>& v, int64_t N, int64_t C, const char* what) {
+    if (!v) return nullptr;
+    require(v->ndim() == 2 && v->shape(0) == N && v->shape(1) == C, std::string(what) + " must have shape (N, C)");
+    return v->data();
+}
+
+template <typename T>
+py::tuple group_norm_silu_forward(carray<T> x, std::optional<carray<T>> weight,
+                                  std::optional<carray<T>> bias, std::optional<carray<T>> shift,
+                                  int64_t groups, double eps) {
+    require(x.ndim() == 3, "group_norm_silu_forward: x must have shape (N, C, S)");
+    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
+    require(groups >= 1 && C % groups == 0 && C * S > 0,
+            "group_norm_silu_forward: groups must divide C and groups must not be empty");
+    require(weight.has_value() == bias.has_value(),
+            "group_norm_silu_forward: weight and bias must both be given or both be None");
+    const T* w = channel_data(weight, C, "group_norm_silu_forward: weight");
+    const T* b = channel_data(bias, C, "group_norm_silu_forward: bias");
+    const T* sh = sample_channel_data(shift, N, C, "group_norm_silu_forward: shift");
+    auto y = empty<T>({N, C, S});
+    auto mean = empty<T>({N, groups});
+    auto rstd = empty<T>({N, groups});
+    const T* in = x.data();
+    T *yp = y.mutable_data(), *mp = mean.mutable_data(), *rp = rstd.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::group_norm_silu_forward(in, w, b, sh, yp, mp, rp, N, C, S, groups, eps);
+    }
+    return py::make_tuple(y, mean, rstd);
+}
+
+template <typename T>
+py::tuple group_norm_silu_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
+                                   std::optional<carray<T>> bias, std::optional<carray<T>> shift,
+                                   carray<T> mean, carray<T> rstd, int64_t groups) {
+    require(x.ndim() == 3, "group_norm_silu_backward: x must have shape (N, C, S)");
+    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
+    require(groups >= 1 && C % groups == 0 && C * S > 0,
+            "group_norm_silu_backward: groups must divide C and groups must not be empty");
+    require(gy.ndim() == 3 && gy.shape(0) == N && gy.shape(1) == C && gy.shape(2) == S,
+            "group_norm_silu_backward: gy must have the shape of x");
+    require(mean.size() == N * groups && rstd.size() == N * groups,
+            "group_norm_silu_backward: mean and rstd must have N * groups elements");
+    require(weight.has_value() == bias.has_value(),
+            "group_norm_silu_backward: weight and bias must both be given or both be None");
+    const T* w = channel_data(weight, C, "group_norm_silu_backward: weight");
+    const T* b = channel_data(bias, C, "group_norm_silu_backward: bias");
+    const T* sh = sample_channel_data(shift, N, C, "group_norm_silu_backward: shift");
+    auto gx = empty<T>({N, C, S});
+    std::vector<double> gw_part(w ? N * C : 0), gb_part(w ? N * C : 0);
+    py::object gshift = py::none();
+    T* gsp = nullptr;
+    if (sh) {
+        auto g = empty<T>({N, C});
+        gsp = g.mutable_data();
+        gshift = g;
+    }
+    const T *gyp = gy.data(), *xp = x.data(), *mp = mean.data(), *rp = rstd.data();
+    T* gxp = gx.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::group_norm_silu_backward(gyp, xp, w, b, sh, mp, rp, gxp,
+                                           w ? gw_part.data() : nullptr, w ? gb_part.data() : nullptr,
+                                           gsp, N, C, S, groups);
+    }
+    if (!w) return py::make_tuple(gx, py::none(), py::none(), gshift);
+    auto [gweight, gbias] = sum_over_samples<T>(gw_part, gb_part, N, C);
+    return py::make_tuple(gx, gweight, gbias, gshift);
 }
 
 template <typename T>
@@ -158,6 +238,14 @@ void bind(py::module_& m) {
     m.def("group_norm_backward", &group_norm_backward<T>, "gy"_a.noconvert(), "x"_a.noconvert(),
           "weight"_a.noconvert().none(true), "mean"_a.noconvert(), "rstd"_a.noconvert(),
           "groups"_a, "(gx, gweight, gbias); gweight and gbias are None without weight.");
+    m.def("group_norm_silu_forward", &group_norm_silu_forward<T>, "x"_a.noconvert(),
+          "weight"_a.noconvert().none(true), "bias"_a.noconvert().none(true),
+          "shift"_a.noconvert().none(true), "groups"_a, "eps"_a,
+          "(y, mean, rstd): y = silu(group_norm(x + shift)) for x (N, C, S), shift (N, C) or None.");
+    m.def("group_norm_silu_backward", &group_norm_silu_backward<T>, "gy"_a.noconvert(),
+          "x"_a.noconvert(), "weight"_a.noconvert().none(true), "bias"_a.noconvert().none(true),
+          "shift"_a.noconvert().none(true), "mean"_a.noconvert(), "rstd"_a.noconvert(), "groups"_a,
+          "(gx, gweight, gbias, gshift); None for those whose input was None.");
 }
 
 // -- diffusion.cpp --------------------------------------------------------------------------

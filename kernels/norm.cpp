@@ -1,6 +1,8 @@
 // Group norm on the CPU, one OpenMP task per (sample, group); statistics in double.
 // Same semantics as group_norm_forward_reference / group_norm_backward_reference.
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -78,6 +80,180 @@ void group_norm_backward(const T* gy, const T* x, const T* weight, const T* mean
     }
 }
 
+// -- group norm + SiLU -------------------------------------------------------------------------
+// One task per (sample, group) as above; a group (cpg * S values) stays in the cache between the
+// passes, so the data is read from memory about once. The statistics are summed in double; the
+// elementwise part runs in T, in vector lanes (SiLU's exp is most of its cost).
+
+namespace {
+
+// e^v in float, written so that it vectorizes (std::exp does not, without -ffast-math): Cephes'
+// expf, v = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r, then 2^n from the
+// exponent bits. About 1 ulp; v is clamped to [-87, 88], where 2^n stays a normal float.
+inline float exp_approx(float v) {
+    v = std::min(std::max(v, -87.0f), 88.0f);
+    const float t = v * 1.44269504088896341f;
+    const int32_t n = static_cast<int32_t>(t + std::copysign(0.5f, t));  // round to nearest
+    const float nf = static_cast<float>(n);
+    const float r = (v - nf * 0.693359375f) + nf * 2.12194440e-4f;  // ln2 in two parts
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const int32_t bits = (n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return (p * r * r + r + 1.0f) * scale;
+}
+
+// float64 keeps the library's exp: it is the precise path (gradient checks run in float64).
+inline double exp_approx(double v) { return std::exp(v); }
+
+template <typename T>
+inline T sigmoid(T u) {
+    return T(1) / (T(1) + exp_approx(-u));
+}
+
+template <typename T>
+MINIDIFF_VECTOR_CLONES double row_sum(const T* __restrict x, int64_t S) {
+    double total = 0.0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < S; ++s) total += double(x[s]);
+    return total;
+}
+
+template <typename T>
+MINIDIFF_VECTOR_CLONES double row_squared_deviation(const T* __restrict x, double center, int64_t S) {
+    double total = 0.0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < S; ++s) {
+        const double d = double(x[s]) - center;
+        total += d * d;
+    }
+    return total;
+}
+
+// y = silu(xhat * w + b) with xhat = (x - center) * r: one channel's row.
+template <typename T>
+MINIDIFF_VECTOR_CLONES void silu_norm_row(const T* __restrict x, T center, T r, T w, T b,
+                                          T* __restrict y, int64_t S) {
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) {
+        const T u = (x[s] - center) * r * w + b;
+        y[s] = u * sigmoid(u);
+    }
+}
+
+// gu = gy * silu'(u) into gu; returns the row's sums of gu * xhat and of gu (in double).
+template <typename T>
+MINIDIFF_VECTOR_CLONES void silu_grad_row(const T* __restrict gy, const T* __restrict x, T center,
+                                          T r, T w, T b, T* __restrict gu, int64_t S,
+                                          double* sum_gu_xhat, double* sum_gu) {
+    double sgx = 0.0, sg = 0.0;
+#pragma omp simd reduction(+ : sgx, sg)
+    for (int64_t s = 0; s < S; ++s) {
+        const T xhat = (x[s] - center) * r;
+        const T u = xhat * w + b;
+        const T sig = sigmoid(u);
+        const T g = gy[s] * sig * (T(1) + u * (T(1) - sig));
+        gu[s] = g;
+        sgx += double(g) * double(xhat);
+        sg += double(g);
+    }
+    *sum_gu_xhat = sgx;
+    *sum_gu = sg;
+}
+
+// gx = gu * p + xhat * q + c in place of gu (the group norm backward); returns the row's sum.
+template <typename T>
+MINIDIFF_VECTOR_CLONES double norm_grad_row(T* __restrict g, const T* __restrict x, T center, T r,
+                                            T p, T q, T c, int64_t S) {
+    double total = 0.0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < S; ++s) {
+        const T v = g[s] * p + (x[s] - center) * r * q + c;
+        g[s] = v;
+        total += double(v);
+    }
+    return total;
+}
+
+}  // namespace
+
+template <typename T>
+void group_norm_silu_forward(const T* x, const T* weight, const T* bias, const T* shift, T* y,
+                             T* mean, T* rstd, int64_t N, int64_t C, int64_t S, int64_t G,
+                             double eps) {
+    const int64_t cpg = C / G;
+    const double m = static_cast<double>(cpg * S);
+#pragma omp parallel for schedule(static)
+    for (int64_t ng = 0; ng < N * G; ++ng) {
+        const int64_t n = ng / G, c0 = (ng % G) * cpg;
+        const T* xg = x + (n * C + c0) * S;
+        T* yg = y + (n * C + c0) * S;
+        const T* sh = shift ? shift + n * C + c0 : nullptr;  // z = x + shift, per channel
+        double total = 0.0;
+        for (int64_t cl = 0; cl < cpg; ++cl) total += row_sum(xg + cl * S, S) + (sh ? S * double(sh[cl]) : 0.0);
+        const double mu = total / m;
+        double sq = 0.0;  // second pass: no cancellation when |mean| >> std
+        for (int64_t cl = 0; cl < cpg; ++cl)
+            sq += row_squared_deviation(xg + cl * S, mu - (sh ? double(sh[cl]) : 0.0), S);
+        const double r = 1.0 / std::sqrt(sq / m + eps);
+        mean[ng] = T(mu);
+        rstd[ng] = T(r);
+        for (int64_t cl = 0; cl < cpg; ++cl) {
+            const double center = mu - (sh ? double(sh[cl]) : 0.0);
+            const T w = weight ? weight[c0 + cl] : T(1), b = bias ? bias[c0 + cl] : T(0);
+            silu_norm_row(xg + cl * S, T(center), T(r), w, b, yg + cl * S, S);
+        }
+    }
+}
+
+template <typename T>
+void group_norm_silu_backward(const T* gy, const T* x, const T* weight, const T* bias,
+                              const T* shift, const T* mean, const T* rstd, T* gx,
+                              double* gw_part, double* gb_part, T* gshift, int64_t N, int64_t C,
+                              int64_t S, int64_t G) {
+    const int64_t cpg = C / G;
+    const double m = static_cast<double>(cpg * S);
+#pragma omp parallel for schedule(static)
+    for (int64_t ng = 0; ng < N * G; ++ng) {
+        const int64_t n = ng / G, c0 = (ng % G) * cpg;
+        const int64_t offset = (n * C + c0) * S;
+        const T *xg = x + offset, *gyg = gy + offset;
+        T* gxg = gx + offset;
+        const T* sh = shift ? shift + n * C + c0 : nullptr;
+        const double mu = mean[ng], r = rstd[ng];
+        // First pass: gu = dloss/du into gx, and the sums of d = gu*w and d*xhat over the group.
+        double sum_d = 0.0, sum_dxhat = 0.0;
+        for (int64_t cl = 0; cl < cpg; ++cl) {
+            const int64_t c = c0 + cl;
+            const T w = weight ? weight[c] : T(1), b = bias ? bias[c] : T(0);
+            const T center = T(mu - (sh ? double(sh[cl]) : 0.0));
+            double gw, gb;
+            silu_grad_row(gyg + cl * S, xg + cl * S, center, T(r), w, b, gxg + cl * S, S, &gw, &gb);
+            if (gw_part) {
+                gw_part[n * C + c] = gw;
+                gb_part[n * C + c] = gb;
+            }
+            sum_d += gb * double(w);
+            sum_dxhat += gw * double(w);
+        }
+        // Second pass: gx = r (gu w - mean(d) - xhat mean(d xhat)).
+        const double mean_d = sum_d / m, mean_dxhat = sum_dxhat / m;
+        for (int64_t cl = 0; cl < cpg; ++cl) {
+            const int64_t c = c0 + cl;
+            const double w = weight ? double(weight[c]) : 1.0;
+            const T center = T(mu - (sh ? double(sh[cl]) : 0.0));
+            const double total = norm_grad_row(gxg + cl * S, xg + cl * S, center, T(r), T(r * w),
+                                               T(-r * mean_dxhat), T(-r * mean_d), S);
+            if (gshift) gshift[n * C + c] = T(total);
+        }
+    }
+}
+
 template void group_norm_forward<float>(const float*, const float*, const float*, float*, float*,
                                         float*, int64_t, int64_t, int64_t, int64_t, double);
 template void group_norm_forward<double>(const double*, const double*, const double*, double*,
@@ -88,5 +264,20 @@ template void group_norm_backward<float>(const float*, const float*, const float
 template void group_norm_backward<double>(const double*, const double*, const double*,
                                           const double*, const double*, double*, double*, double*,
                                           int64_t, int64_t, int64_t, int64_t);
+
+template void group_norm_silu_forward<float>(const float*, const float*, const float*, const float*,
+                                             float*, float*, float*, int64_t, int64_t, int64_t,
+                                             int64_t, double);
+template void group_norm_silu_forward<double>(const double*, const double*, const double*,
+                                              const double*, double*, double*, double*, int64_t,
+                                              int64_t, int64_t, int64_t, double);
+template void group_norm_silu_backward<float>(const float*, const float*, const float*, const float*,
+                                              const float*, const float*, const float*, float*,
+                                              double*, double*, float*, int64_t, int64_t, int64_t,
+                                              int64_t);
+template void group_norm_silu_backward<double>(const double*, const double*, const double*,
+                                               const double*, const double*, const double*,
+                                               const double*, double*, double*, double*, double*,
+                                               int64_t, int64_t, int64_t, int64_t);
 
 }  // namespace minidiff
