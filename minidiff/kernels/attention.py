@@ -4,17 +4,25 @@
     gx = scale * y * (gy - sum(gy * y))                    (sums along the same axis)
 
 The backward needs only y, not x, so attention saves the probabilities it already has.
-The Numba kernels handle the last axis (rows of a 2-D view); other axes run the reference.
+
+Implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU and Numba
+CUDA for CuPy arrays, the fast ones in float64 within a row. They handle the last axis (rows of a
+2-D view), the CUDA kernels with one block per row whose threads stride over it and combine their
+maxima and sums in a tree in shared memory; other axes run the reference.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from minidiff.backend import get_array_module
 
+from . import _cuda
 from ._checks import float_dtype, same_shape
-from .registry import njit, prange, register
+from ._cuda import BUFFER, block_max, block_sum
+from .registry import cuda, njit, prange, register
 
 
 def _check_axis(fn, x, axis):
@@ -104,4 +112,65 @@ def softmax_backward_numba(gy, y, axis=-1, scale=1.0):
     gy_rows = np.ascontiguousarray(gy).reshape(-1, y.shape[-1])
     gx = np.empty(y_rows.shape, y.dtype)
     _softmax_backward_cpu(gy_rows, y_rows, float(scale), gx)
+    return gx.reshape(y.shape)
+
+
+# -- Numba CUDA ------------------------------------------------------------------------------
+
+
+@cuda.jit(cache=True)
+def _softmax_forward_cuda(x, scale, y):
+    # one block per row; its threads stride over the row
+    r, L = cuda.blockIdx.x, x.shape[1]
+    buf = cuda.shared.array(BUFFER, np.float64)
+    top = -math.inf
+    for k in range(cuda.threadIdx.x, L, cuda.blockDim.x):
+        top = max(top, scale * np.float64(x[r, k]))  # max of scale*x: scale may be negative
+    top = block_max(buf, top)
+    total = 0.0
+    for k in range(cuda.threadIdx.x, L, cuda.blockDim.x):
+        total += math.exp(scale * np.float64(x[r, k]) - top)
+    inv = 1.0 / block_sum(buf, total)
+    for k in range(cuda.threadIdx.x, L, cuda.blockDim.x):
+        y[r, k] = math.exp(scale * np.float64(x[r, k]) - top) * inv
+
+
+@cuda.jit(cache=True)
+def _softmax_backward_cuda(gy, y, scale, gx):
+    # one block per row; its threads stride over the row
+    r, L = cuda.blockIdx.x, y.shape[1]
+    buf = cuda.shared.array(BUFFER, np.float64)
+    dot = 0.0
+    for k in range(cuda.threadIdx.x, L, cuda.blockDim.x):
+        dot += np.float64(gy[r, k]) * np.float64(y[r, k])
+    dot = block_sum(buf, dot)
+    for k in range(cuda.threadIdx.x, L, cuda.blockDim.x):
+        gx[r, k] = scale * np.float64(y[r, k]) * (np.float64(gy[r, k]) - dot)
+
+
+@register("softmax_forward", "cuda")
+def softmax_forward_cuda(x, axis=-1, scale=1.0):
+    if not _is_last(x, axis) or x.ndim == 0 or x.size == 0:
+        return softmax_forward_reference(x, axis, scale)  # the kernel handles rows only
+    float_dtype("softmax_forward", x=x)
+    xp = get_array_module(x)
+    rows = xp.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    y = xp.empty(rows.shape, x.dtype)
+    _cuda.launch_per_block(_softmax_forward_cuda, rows.shape[0], rows.shape[1], rows, np.float64(scale), y)
+    return y.reshape(x.shape)
+
+
+@register("softmax_backward", "cuda")
+def softmax_backward_cuda(gy, y, axis=-1, scale=1.0):
+    if not _is_last(y, axis) or y.ndim == 0 or y.size == 0:
+        return softmax_backward_reference(gy, y, axis, scale)
+    float_dtype("softmax_backward", gy=gy, y=y)
+    same_shape("softmax_backward", gy=gy, y=y)
+    xp = get_array_module(y)
+    y_rows = xp.ascontiguousarray(y).reshape(-1, y.shape[-1])
+    gy_rows = xp.ascontiguousarray(gy).reshape(-1, y.shape[-1])
+    gx = xp.empty(y_rows.shape, y.dtype)
+    _cuda.launch_per_block(
+        _softmax_backward_cuda, y_rows.shape[0], y_rows.shape[1], gy_rows, y_rows, np.float64(scale), gx
+    )
     return gx.reshape(y.shape)

@@ -10,8 +10,11 @@ Row ``c*kh*kw + i*kw + j`` of ``cols[n]`` holds input channel ``c`` shifted by k
 ``torch.nn.functional.unfold``). col2im is the adjoint: it scatter-adds each column entry back
 to the pixel it came from and drops the padding, which is the input gradient of im2col.
 
-Three implementations side by side: the reference (``xp`` code, NumPy or CuPy, one strided
-copy per kernel offset), Numba CPU and the C++ extension.
+Four implementations side by side: the reference (``xp`` code, NumPy or CuPy, one strided
+copy per kernel offset), Numba CPU, the C++ extension, and Numba CUDA for CuPy arrays. The
+CUDA col2im gives each pixel of x a thread that gathers the entries taken from it, in the order of
+the reference's loops (kernel row, then kernel column) and in the data's dtype: the reference's
+sums, to the bit, without atomic additions.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import numpy as np
 
 from minidiff.backend import get_array_module
 
+from . import _cuda
 from ._checks import float_dtype, pair
-from .registry import native, njit, prange, register
+from .registry import cuda, native, njit, prange, register
 
 
 def conv_output_size(fn, x_shape, kh, kw, stride, padding):
@@ -160,3 +164,70 @@ def im2col_native(x, kh, kw, stride, padding):
 def col2im_native(cols, x_shape, kh, kw, stride, padding):
     (N, C, H, W), _, _, (sh, sw), (ph, pw) = _check_cols("col2im", cols, x_shape, kh, kw, stride, padding)
     return native.col2im(np.ascontiguousarray(cols), C, H, W, kh, kw, sh, sw, ph, pw)
+
+
+# -- Numba CUDA ------------------------------------------------------------------------------
+
+
+@cuda.jit(cache=True)
+def _im2col_cuda(x, kh, kw, sh, sw, ph, pw, Ho, Wo, cols):
+    # grid-stride loop, one thread per entry of cols (N, C*kh*kw, Ho*Wo)
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    rows, L = C * kh * kw, Ho * Wo
+    for k in range(cuda.grid(1), cols.size, cuda.gridsize(1)):
+        n, row, p = k // (rows * L), k // L % rows, k % L
+        c, i, j = row // (kh * kw), row // kw % kh, row % kw
+        h = p // Wo * sh - ph + i
+        w = p % Wo * sw - pw + j
+        if 0 <= h < H and 0 <= w < W:
+            cols[n, row, p] = x[n, c, h, w]
+        else:
+            cols[n, row, p] = 0
+
+
+@cuda.jit(cache=True)
+def _col2im_cuda(cols, kh, kw, sh, sw, ph, pw, Ho, Wo, zero, x):
+    # grid-stride loop, one thread per pixel of x: it gathers the column entries taken from it
+    # (no two threads write one pixel: no atomics, and the order of the sum is fixed)
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    for k in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        n, c, h, w = k // (C * H * W), k // (H * W) % C, k // W % H, k % W
+        total = zero  # in x's dtype, as the reference adds
+        for i in range(kh):
+            th = h + ph - i  # = oh * sh for the output row oh that read (h, w) at kernel row i
+            if th < 0:
+                break
+            if th % sh or th // sh >= Ho:
+                continue
+            for j in range(kw):
+                tw = w + pw - j
+                if tw < 0:
+                    break
+                if tw % sw or tw // sw >= Wo:
+                    continue
+                total += cols[n, (c * kh + i) * kw + j, th // sh * Wo + tw // sw]
+        x[n, c, h, w] = total
+
+
+@register("im2col", "cuda")
+def im2col_cuda(x, kh, kw, stride, padding):
+    float_dtype("im2col", x=x)
+    N, C, H, W, Ho, Wo, (sh, sw), (ph, pw) = conv_output_size("im2col", x.shape, kh, kw, stride, padding)
+    xp = get_array_module(x)
+    cols = xp.empty((N, C * kh * kw, Ho * Wo), dtype=x.dtype)
+    _cuda.launch_elementwise(
+        _im2col_cuda, cols.size, xp.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, Ho, Wo, cols
+    )
+    return cols
+
+
+@register("col2im", "cuda")
+def col2im_cuda(cols, x_shape, kh, kw, stride, padding):
+    x_shape, Ho, Wo, (sh, sw), (ph, pw) = _check_cols("col2im", cols, x_shape, kh, kw, stride, padding)
+    xp = get_array_module(cols)
+    x = xp.empty(x_shape, dtype=cols.dtype)
+    zero = cols.dtype.type(0)
+    _cuda.launch_elementwise(
+        _col2im_cuda, x.size, xp.ascontiguousarray(cols), kh, kw, sh, sw, ph, pw, Ho, Wo, zero, x
+    )
+    return x

@@ -21,8 +21,14 @@ bit. The loss is the exception: it is summed in float64, the fast versions over 
 added in order, so it does not depend on the number of threads; it agrees with the reference to
 float64 rounding. Division by zero gives inf or NaN, as in NumPy, in every version.
 
-Three implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU and,
-for q_sample and the loss, the C++ extension (kernels/diffusion.cpp).
+The CUDA versions round the coefficients the same way and compute in the data's dtype too, but
+the CUDA compiler contracts a product and a sum into one fused multiply-add, so they agree with
+the reference to about one rounding of the dtype rather than to the bit; their loss is summed in
+float64 per block (a tree in shared memory, a fixed order) and the block sums added by one block.
+
+Four implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU, for
+q_sample and the loss the C++ extension (kernels/diffusion.cpp), and Numba CUDA for CuPy arrays
+(grid-stride loops over the elements).
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import numpy as np
 
 from minidiff.backend import get_array_module, to_device
 
+from . import _cuda
 from ._checks import FLOAT_DTYPES, float_dtype, same_shape
-from .registry import native, njit, prange, register
+from ._cuda import BUFFER, block_sum
+from .registry import cuda, native, njit, prange, register
 
 CHUNK = 4096  # elements per task of the elementwise kernels and per partial sum of the loss
 # Below this many elements the fast kernels here and in optim.py run on one thread: waking the
@@ -508,3 +516,165 @@ def mse_loss_backward_native(pred, target, gloss):
     scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
     out = native.scaled_difference(_flat(pred), _flat(target), scale, pred.size >= PARALLEL_MIN)
     return out.reshape(pred.shape)
+
+
+# -- Numba CUDA ------------------------------------------------------------------------------
+#
+# Elementwise kernels over flat C-contiguous arrays; the scalars arrive as NumPy scalars of the
+# data's dtype (_cuda.device_scalars), so every product and sum is done in that dtype, in the
+# order written in the module doc. noise=None is passed as has_noise=False with x_t in its place.
+
+
+@cuda.jit(device=True)
+def _clip_unit(v, one):
+    """v clipped to [-one, one]; NaN compares false both ways and stays NaN, as with np.clip."""
+    if v < -one:
+        return -one
+    if v > one:
+        return one
+    return v
+
+
+@cuda.jit(cache=True)
+def _q_sample_cuda(x0, noise, a, s, M, out):
+    # grid-stride loop over the elements; element i belongs to sample i // M
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        n = i // M
+        out[i] = a[n] * x0[i] + s[n] * noise[i]
+
+
+@cuda.jit(cache=True)
+def _squared_error_partials_cuda(pred, target, partial):
+    # grid-stride loop over the elements, then one float64 partial sum per block
+    total = 0.0
+    for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
+        d = np.float64(pred[i]) - np.float64(target[i])
+        total += d * d
+    buf = cuda.shared.array(BUFFER, np.float64)
+    total = block_sum(buf, total)
+    if cuda.threadIdx.x == 0:
+        partial[cuda.blockIdx.x] = total
+
+
+@cuda.jit(cache=True)
+def _mean_of_partials_cuda(partial, size, out):
+    # a single block; its threads stride over the partial sums
+    total = 0.0
+    for k in range(cuda.threadIdx.x, partial.size, cuda.blockDim.x):
+        total += partial[k]
+    buf = cuda.shared.array(BUFFER, np.float64)
+    total = block_sum(buf, total)
+    if cuda.threadIdx.x == 0:
+        out[0] = total / size
+
+
+@cuda.jit(cache=True)
+def _scaled_difference_cuda(pred, target, scale, out):
+    # grid-stride loop over the elements; scale: one value of the dtype, in device memory
+    sc = scale[0]
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[i] = (pred[i] - target[i]) * sc
+
+
+@cuda.jit(cache=True)
+def _ddpm_cuda(x_t, x0, noise, c0, ct, sg, one, clip, has_noise, out):
+    # grid-stride loop over the elements
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        v = _clip_unit(x0[i], one) if clip else x0[i]
+        r = c0 * v + ct * x_t[i]
+        if has_noise:
+            r = r + sg * noise[i]
+        out[i] = r
+
+
+@cuda.jit(cache=True)
+def _ddim_cuda(x_t, eps, x0, noise, a, s, ap, dr, sg, one, clip, has_noise, out):
+    # grid-stride loop over the elements
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        v = x0[i]
+        e = eps[i]
+        if clip:
+            v = _clip_unit(v, one)
+            e = (x_t[i] - a * v) / s
+        r = ap * v + dr * e
+        if has_noise:
+            r = r + sg * noise[i]
+        out[i] = r
+
+
+@register("q_sample", "cuda")
+def q_sample_cuda(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
+    t = _check_q_sample(x0, noise, sqrt_abar, sqrt_one_minus_abar, t)
+    _check_timesteps(t, sqrt_abar.size)
+    xp = get_array_module(x0)
+    a = xp.asarray(sqrt_abar[t].astype(x0.dtype))  # per sample, rounded to the dtype on the host
+    s = xp.asarray(sqrt_one_minus_abar[t].astype(x0.dtype))
+    out = xp.empty(x0.shape, x0.dtype)
+    _cuda.launch_elementwise(
+        _q_sample_cuda, out.size, _flat(x0), _flat(noise), a, s, _row_size(x0), out.ravel()
+    )
+    return out
+
+
+@register("mse_loss_forward", "cuda")
+def mse_loss_forward_cuda(pred, target):
+    _check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
+    xp = get_array_module(pred)
+    if not pred.size:
+        return xp.asarray(_mean_of_sum(0.0, 0, pred.dtype))
+    partial = xp.empty(_cuda.elementwise_blocks(pred.size), np.float64)
+    _cuda.launch_elementwise(_squared_error_partials_cuda, pred.size, _flat(pred), _flat(target), partial)
+    mean = xp.empty(1, np.float64)
+    _cuda.launch_per_block(_mean_of_partials_cuda, 1, partial.size, partial, np.float64(pred.size), mean)
+    return mean.astype(pred.dtype).reshape(())
+
+
+@register("mse_loss_backward", "cuda")
+def mse_loss_backward_cuda(pred, target, gloss):
+    _check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
+    xp = get_array_module(pred)
+    if not pred.size:
+        return xp.empty(pred.shape, pred.dtype)
+    gloss = xp.asarray(gloss, dtype=np.float64)
+    if gloss.size != 1:
+        raise ValueError(
+            f"mse_loss_backward: gloss must hold one value (the loss gradient), got shape {gloss.shape}"
+        )
+    # 2 gloss / size in float64, rounded to the dtype, as the reference computes it; on the device,
+    # so that a gloss there is not copied to the host
+    scale = (gloss.reshape(1) * 2.0 / pred.size).astype(pred.dtype)
+    out = xp.empty(pred.shape, pred.dtype)
+    _cuda.launch_elementwise(
+        _scaled_difference_cuda, out.size, _flat(pred), _flat(target), scale, out.ravel()
+    )
+    return out
+
+
+@register("ddpm_step", "cuda")
+def ddpm_step_cuda(x_t, x0_pred, noise, coef_x0, coef_xt, sigma, clip=False):
+    dtype = _check_arrays("ddpm_step", ("x_t", "x0_pred", "noise"), x_t, x0_pred, noise)
+    xp = get_array_module(x_t)
+    out = xp.empty(x_t.shape, dtype)
+    scalars = _cuda.device_scalars(dtype, coef_x0, coef_xt, sigma, 1.0)
+    has_noise = noise is not None
+    x_t = _flat(x_t)
+    noise = _flat(noise) if has_noise else x_t  # not read without noise
+    args = (x_t, _flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
+    _cuda.launch_elementwise(_ddpm_cuda, out.size, *args)
+    return out
+
+
+@register("ddim_step", "cuda")
+def ddim_step_cuda(
+    x_t, eps, x0_pred, noise, sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma, clip=False
+):
+    dtype = _check_arrays("ddim_step", ("x_t", "eps", "x0_pred", "noise"), x_t, eps, x0_pred, noise)
+    xp = get_array_module(x_t)
+    out = xp.empty(x_t.shape, dtype)
+    scalars = (sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma, 1.0)
+    has_noise = noise is not None
+    x_t = _flat(x_t)
+    noise = _flat(noise) if has_noise else x_t  # not read without noise
+    args = (x_t, _flat(eps), _flat(x0_pred), noise, *_cuda.device_scalars(dtype, *scalars))
+    _cuda.launch_elementwise(_ddim_cuda, out.size, *args, bool(clip), has_noise, out.ravel())
+    return out
