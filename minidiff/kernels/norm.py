@@ -1,0 +1,448 @@
+"""Group normalization, forward and backward.
+
+x has shape ``(N, C, *spatial)`` (any number of spatial dims, zero included). The C channels
+are split into ``groups`` consecutive groups; each (sample, group) is normalized over its
+``M = C/groups * prod(spatial)`` elements with the biased variance:
+
+    xhat = (x - mean) * rstd,   rstd = 1 / sqrt(var + eps),   y = xhat * weight[c] + bias[c]
+
+``mean`` and ``rstd`` (shape ``(N, groups)``, x's dtype) are returned for the backward:
+
+    gbias[c]   = sum over n, spatial of gy
+    gweight[c] = sum over n, spatial of gy * xhat
+    gx         = rstd * (d - mean_group(d) - xhat * mean_group(d * xhat)),   d = gy * weight[c]
+
+weight and bias are both given or both None (then y = xhat and gweight, gbias are None).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+from minidiff.backend import get_array_module
+
+from ._checks import float_dtype, same_shape
+from .registry import native, njit, prange, register
+
+
+def _check_x(fn, x, groups):
+    """Validate x and groups; return ``(N, C, S, M)``: S spatial elements, M = C/groups * S."""
+    if x.ndim < 2:
+        raise ValueError(f"{fn}: x must have shape (N, C, *spatial), got {x.shape}")
+    N, C = x.shape[:2]
+    groups = operator.index(groups)
+    if groups < 1 or C % groups:
+        raise ValueError(f"{fn}: groups={groups} must divide the C={C} channels of x with shape {x.shape}")
+    S = math.prod(x.shape[2:])
+    if C == 0 or S == 0:
+        raise ValueError(f"{fn}: x with shape {x.shape} has empty groups")
+    return N, C, S, C // groups * S
+
+
+def _check_channel_vector(fn, name, v, C):
+    if v is not None and v.shape != (C,):
+        raise ValueError(f"{fn}: {name} must have shape ({C},), got {v.shape}")
+
+
+def _check_forward(fn, x, weight, bias, groups):
+    float_dtype(fn, x=x, weight=weight, bias=bias)
+    N, C, S, M = _check_x(fn, x, groups)
+    if (weight is None) != (bias is None):
+        raise ValueError(f"{fn}: pass both weight and bias, or neither")
+    _check_channel_vector(fn, "weight", weight, C)
+    _check_channel_vector(fn, "bias", bias, C)
+    return N, C, S, M
+
+
+def _check_backward(fn, gy, x, weight, mean, rstd, groups):
+    float_dtype(fn, gy=gy, x=x, weight=weight, mean=mean, rstd=rstd)
+    N, C, S, M = _check_x(fn, x, groups)
+    same_shape(fn, gy=gy, x=x)
+    _check_channel_vector(fn, "weight", weight, C)
+    if mean.shape != (N, groups) or rstd.shape != (N, groups):
+        raise ValueError(
+            f"{fn}: mean and rstd must have shape {(N, groups)}, got {mean.shape} and {rstd.shape}"
+        )
+    return N, C, S, M
+
+
+def _channel_shape(x):
+    """Shape that broadcasts a (C,) vector over x: (1, C, 1, ..., 1)."""
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+# -- reference -------------------------------------------------------------------------------
+
+
+@register("group_norm_forward", "reference")
+def group_norm_forward_reference(x, weight, bias, groups, eps):
+    """``(y, mean, rstd)``: group norm of x ``(N, C, *spatial)``; see the module doc."""
+    N, C, S, M = _check_forward("group_norm_forward", x, weight, bias, groups)
+    xp = get_array_module(x)
+    xg = x.reshape(N, groups, M)
+    mean = xg.mean(axis=2)
+    xc = xg - mean[:, :, None]
+    var = (xc * xc).mean(axis=2)  # two passes: no cancellation when |mean| >> std
+    rstd = 1 / xp.sqrt(var + eps)
+    y = (xc * rstd[:, :, None]).reshape(x.shape)
+    if weight is not None:
+        y = y * weight.reshape(_channel_shape(x)) + bias.reshape(_channel_shape(x))
+    return y, mean, rstd
+
+
+@register("group_norm_backward", "reference")
+def group_norm_backward_reference(gy, x, weight, mean, rstd, groups):
+    """``(gx, gweight, gbias)`` for the forward above (gweight, gbias None without weight)."""
+    N, C, S, M = _check_backward("group_norm_backward", gy, x, weight, mean, rstd, groups)
+    xhat = (x.reshape(N, groups, M) - mean[:, :, None]) * rstd[:, :, None]
+    if weight is None:
+        gweight = gbias = None
+        d = gy.reshape(N, groups, M)
+    else:
+        axes = (0, *range(2, x.ndim))
+        gbias = gy.sum(axis=axes)
+        gweight = (gy * xhat.reshape(x.shape)).sum(axis=axes)
+        d = (gy * weight.reshape(_channel_shape(x))).reshape(N, groups, M)
+    gx = rstd[:, :, None] * (
+        d - d.mean(axis=2, keepdims=True) - xhat * (d * xhat).mean(axis=2, keepdims=True)
+    )
+    return gx.reshape(x.shape), gweight, gbias
+
+
+# -- Numba CPU: one task per (n, group), statistics accumulated in float64 -------------------
+
+
+@njit(parallel=True, cache=True)
+def _group_norm_forward_cpu(x, weight, bias, groups, eps, y, mean, rstd):
+    # x, y: (N, C, S) contiguous; weight, bias: (C,); mean, rstd: (N, groups)
+    N, C, S = x.shape
+    cpg = C // groups
+    m = cpg * S
+    for ng in prange(N * groups):
+        n, g = ng // groups, ng % groups
+        total = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            for s in range(S):
+                total += x[n, c, s]
+        mu = total / m
+        sq = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            for s in range(S):
+                dev = x[n, c, s] - mu
+                sq += dev * dev
+        r = 1.0 / np.sqrt(sq / m + eps)
+        mean[n, g] = mu
+        rstd[n, g] = r
+        for c in range(g * cpg, (g + 1) * cpg):
+            a = r * np.float64(weight[c])
+            for s in range(S):
+                y[n, c, s] = (x[n, c, s] - mu) * a + bias[c]
+
+
+@njit(parallel=True, cache=True)
+def _group_norm_backward_cpu(gy, x, weight, mean, rstd, groups, gx, gw_part, gb_part):
+    # gy, x, gx: (N, C, S); gw_part, gb_part: (N, C) float64 per-sample partial sums, reduced
+    # over N by the caller (tasks of different n share channels, so they cannot add in place).
+    N, C, S = x.shape
+    cpg = C // groups
+    m = cpg * S
+    for ng in prange(N * groups):
+        n, g = ng // groups, ng % groups
+        mu = np.float64(mean[n, g])  # np.float64, not float(): under Numba float() keeps float32
+        r = np.float64(rstd[n, g])
+        sum_d = 0.0
+        sum_dxhat = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            w = np.float64(weight[c])
+            gw = 0.0
+            gb = 0.0
+            for s in range(S):
+                xhat = (x[n, c, s] - mu) * r
+                gys = np.float64(gy[n, c, s])
+                gw += gys * xhat
+                gb += gys
+            gw_part[n, c] = gw
+            gb_part[n, c] = gb
+            sum_d += gb * w
+            sum_dxhat += gw * w
+        mean_d = sum_d / m
+        mean_dxhat = sum_dxhat / m
+        for c in range(g * cpg, (g + 1) * cpg):
+            w = np.float64(weight[c])
+            for s in range(S):
+                xhat = (x[n, c, s] - mu) * r
+                gx[n, c, s] = r * (gy[n, c, s] * w - mean_d - xhat * mean_dxhat)
+
+
+def _affine_or_identity(weight, bias, C, dtype):
+    """The kernels always scale and shift; without weight they do it by 1 and 0."""
+    if weight is None:
+        return np.ones(C, dtype), np.zeros(C, dtype)
+    return np.ascontiguousarray(weight), np.ascontiguousarray(bias)
+
+
+@register("group_norm_forward", "numba")
+def group_norm_forward_numba(x, weight, bias, groups, eps):
+    N, C, S, M = _check_forward("group_norm_forward", x, weight, bias, groups)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    y = np.empty(x3.shape, x.dtype)
+    mean = np.empty((N, groups), x.dtype)
+    rstd = np.empty((N, groups), x.dtype)
+    _group_norm_forward_cpu(x3, w, b, groups, float(eps), y, mean, rstd)
+    return y.reshape(x.shape), mean, rstd
+
+
+@register("group_norm_backward", "numba")
+def group_norm_backward_numba(gy, x, weight, mean, rstd, groups):
+    N, C, S, M = _check_backward("group_norm_backward", gy, x, weight, mean, rstd, groups)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    gy3 = np.ascontiguousarray(gy).reshape(N, C, S)
+    w = np.ones(C, x.dtype) if weight is None else np.ascontiguousarray(weight)
+    gx = np.empty(x3.shape, x.dtype)
+    gw_part = np.empty((N, C), np.float64)
+    gb_part = np.empty((N, C), np.float64)
+    _group_norm_backward_cpu(
+        gy3, x3, w, np.ascontiguousarray(mean), np.ascontiguousarray(rstd), groups, gx, gw_part, gb_part
+    )
+    if weight is None:
+        return gx.reshape(x.shape), None, None
+    return gx.reshape(x.shape), gw_part.sum(axis=0).astype(x.dtype), gb_part.sum(axis=0).astype(x.dtype)
+
+
+# -- native (kernels/norm.cpp) ---------------------------------------------------------------
+
+
+@register("group_norm_forward", "native")
+def group_norm_forward_native(x, weight, bias, groups, eps):
+    N, C, S, M = _check_forward("group_norm_forward", x, weight, bias, groups)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    w = None if weight is None else np.ascontiguousarray(weight)
+    b = None if bias is None else np.ascontiguousarray(bias)
+    y, mean, rstd = native.group_norm_forward(x3, w, b, groups, float(eps))
+    return y.reshape(x.shape), mean, rstd
+
+
+@register("group_norm_backward", "native")
+def group_norm_backward_native(gy, x, weight, mean, rstd, groups):
+    N, C, S, M = _check_backward("group_norm_backward", gy, x, weight, mean, rstd, groups)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    gy3 = np.ascontiguousarray(gy).reshape(N, C, S)
+    w = None if weight is None else np.ascontiguousarray(weight)
+    gx, gweight, gbias = native.group_norm_backward(
+        gy3, x3, w, np.ascontiguousarray(mean), np.ascontiguousarray(rstd), groups
+    )
+    return gx.reshape(x.shape), gweight, gbias
+
+
+# -- group norm + SiLU, with an optional per-(sample, channel) shift of the input ---------------
+#
+#     z = x + shift[n, c]        (shift: (N, C), e.g. a time-embedding projection; or None)
+#     u = group_norm(z) * weight + bias,   y = silu(u) = u * sigmoid(u)
+#
+# One pass over the data instead of three (add, normalize, activate), and the backward rebuilds
+# u from x and the saved statistics rather than keeping z and u alive.
+
+
+def _shifted(x, shift):
+    """x + shift broadcast over the spatial dims (x itself when shift is None)."""
+    if shift is None:
+        return x
+    return x + shift.reshape(shift.shape + (1,) * (x.ndim - 2))
+
+
+def _check_shift(fn, shift, N, C):
+    if shift is not None and shift.shape != (N, C):
+        raise ValueError(f"{fn}: shift must have shape {(N, C)}, got {shift.shape}")
+
+
+def _sigmoid(u):
+    return 1 / (1 + get_array_module(u).exp(-u))
+
+
+@register("group_norm_silu_forward", "reference")
+def group_norm_silu_forward_reference(x, weight, bias, shift, groups, eps):
+    """``(y, mean, rstd)`` with y = silu(group_norm(x + shift)); see the comment above."""
+    N, C, _, _ = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
+    _check_shift("group_norm_silu_forward", shift, N, C)
+    u, mean, rstd = group_norm_forward_reference(_shifted(x, shift), weight, bias, groups, eps)
+    return u * _sigmoid(u), mean, rstd
+
+
+@register("group_norm_silu_backward", "reference")
+def group_norm_silu_backward_reference(gy, x, weight, bias, shift, mean, rstd, groups):
+    """``(gx, gweight, gbias, gshift)``; gshift is None without shift."""
+    N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
+    _check_shift("group_norm_silu_backward", shift, N, C)
+    z = _shifted(x, shift)
+    u = ((z.reshape(N, groups, M) - mean[:, :, None]) * rstd[:, :, None]).reshape(x.shape)
+    if weight is not None:
+        u = u * weight.reshape(_channel_shape(x)) + bias.reshape(_channel_shape(x))
+    s = _sigmoid(u)
+    gu = gy * s * (1 + u * (1 - s))  # d silu(u) / du
+    gx, gweight, gbias = group_norm_backward_reference(gu, z, weight, mean, rstd, groups)
+    gshift = None if shift is None else gx.reshape(N, C, S).sum(axis=2)
+    return gx, gweight, gbias, gshift
+
+
+@njit(parallel=True, cache=True)
+def _group_norm_silu_forward_cpu(x, weight, bias, shift, groups, eps, y, mean, rstd):
+    # x, y: (N, C, S); weight, bias: (C,); shift: (N, C) (zeros when there is none)
+    N, C, S = x.shape
+    cpg = C // groups
+    m = cpg * S
+    for ng in prange(N * groups):
+        n, g = ng // groups, ng % groups
+        total = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            sh = np.float64(shift[n, c])
+            for s in range(S):
+                total += x[n, c, s] + sh
+        mu = total / m
+        sq = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            sh = np.float64(shift[n, c])
+            for s in range(S):
+                dev = x[n, c, s] + sh - mu
+                sq += dev * dev
+        r = 1.0 / np.sqrt(sq / m + eps)
+        mean[n, g] = mu
+        rstd[n, g] = r
+        for c in range(g * cpg, (g + 1) * cpg):
+            a = r * np.float64(weight[c])
+            b = np.float64(bias[c]) + (np.float64(shift[n, c]) - mu) * a  # u = x * a + b
+            for s in range(S):
+                u = x[n, c, s] * a + b
+                y[n, c, s] = u / (1.0 + np.exp(-u))
+
+
+@njit(parallel=True, cache=True)
+def _group_norm_silu_backward_cpu(
+    gy, x, weight, bias, shift, mean, rstd, groups, gx, gw_part, gb_part, gshift
+):
+    # First pass: gu = d loss / d u into gx, and the per-channel sums; second pass: gx from gu.
+    N, C, S = x.shape
+    cpg = C // groups
+    m = cpg * S
+    for ng in prange(N * groups):
+        n, g = ng // groups, ng % groups
+        mu = np.float64(mean[n, g])
+        r = np.float64(rstd[n, g])
+        sum_d = 0.0
+        sum_dxhat = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            w = np.float64(weight[c])
+            b = np.float64(bias[c])
+            sh = np.float64(shift[n, c])
+            gw = 0.0
+            gb = 0.0
+            for s in range(S):
+                xhat = (x[n, c, s] + sh - mu) * r
+                u = xhat * w + b
+                sig = 1.0 / (1.0 + np.exp(-u))
+                gu = gy[n, c, s] * sig * (1.0 + u * (1.0 - sig))
+                gx[n, c, s] = gu
+                gw += gu * xhat
+                gb += gu
+            gw_part[n, c] = gw
+            gb_part[n, c] = gb
+            sum_d += gb * w
+            sum_dxhat += gw * w
+        mean_d = sum_d / m
+        mean_dxhat = sum_dxhat / m
+        for c in range(g * cpg, (g + 1) * cpg):
+            w = np.float64(weight[c])
+            sh = np.float64(shift[n, c])
+            total = 0.0
+            for s in range(S):
+                xhat = (x[n, c, s] + sh - mu) * r
+                v = r * (gx[n, c, s] * w - mean_d - xhat * mean_dxhat)
+                gx[n, c, s] = v
+                total += v
+            gshift[n, c] = total
+
+
+@register("group_norm_silu_forward", "numba")
+def group_norm_silu_forward_numba(x, weight, bias, shift, groups, eps):
+    N, C, S, M = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
+    _check_shift("group_norm_silu_forward", shift, N, C)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    sh = np.zeros((N, C), x.dtype) if shift is None else np.ascontiguousarray(shift)
+    y = np.empty(x3.shape, x.dtype)
+    mean = np.empty((N, groups), x.dtype)
+    rstd = np.empty((N, groups), x.dtype)
+    _group_norm_silu_forward_cpu(x3, w, b, sh, groups, float(eps), y, mean, rstd)
+    return y.reshape(x.shape), mean, rstd
+
+
+@register("group_norm_silu_backward", "numba")
+def group_norm_silu_backward_numba(gy, x, weight, bias, shift, mean, rstd, groups):
+    N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
+    _check_shift("group_norm_silu_backward", shift, N, C)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    gy3 = np.ascontiguousarray(gy).reshape(N, C, S)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    sh = np.zeros((N, C), x.dtype) if shift is None else np.ascontiguousarray(shift)
+    gx = np.empty(x3.shape, x.dtype)
+    gw_part = np.empty((N, C), np.float64)
+    gb_part = np.empty((N, C), np.float64)
+    gshift = np.empty((N, C), x.dtype)
+    _group_norm_silu_backward_cpu(
+        gy3,
+        x3,
+        w,
+        b,
+        sh,
+        np.ascontiguousarray(mean),
+        np.ascontiguousarray(rstd),
+        groups,
+        gx,
+        gw_part,
+        gb_part,
+        gshift,
+    )
+    gweight = None if weight is None else gw_part.sum(axis=0).astype(x.dtype)
+    gbias = None if weight is None else gb_part.sum(axis=0).astype(x.dtype)
+    return gx.reshape(x.shape), gweight, gbias, (None if shift is None else gshift)
+
+
+# native (kernels/norm.cpp): float32 data stays float32 in the elementwise part, with an exp
+# written to vectorize; the statistics and the sums of the backward are float64 as above.
+
+
+def _native_shift(shift):
+    return None if shift is None else np.ascontiguousarray(shift)
+
+
+@register("group_norm_silu_forward", "native")
+def group_norm_silu_forward_native(x, weight, bias, shift, groups, eps):
+    N, C, S, M = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
+    _check_shift("group_norm_silu_forward", shift, N, C)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    y, mean, rstd = native.group_norm_silu_forward(x3, w, b, _native_shift(shift), groups, float(eps))
+    return y.reshape(x.shape), mean, rstd
+
+
+@register("group_norm_silu_backward", "native")
+def group_norm_silu_backward_native(gy, x, weight, bias, shift, mean, rstd, groups):
+    N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
+    _check_shift("group_norm_silu_backward", shift, N, C)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    gx, gweight, gbias, gshift = native.group_norm_silu_backward(
+        np.ascontiguousarray(gy).reshape(N, C, S),
+        np.ascontiguousarray(x).reshape(N, C, S),
+        w,
+        b,
+        _native_shift(shift),
+        np.ascontiguousarray(mean),
+        np.ascontiguousarray(rstd),
+        groups,
+    )
+    if weight is None:
+        gweight = gbias = None
+    return gx.reshape(x.shape), gweight, gbias, gshift
