@@ -13,6 +13,14 @@ are split into ``groups`` consecutive groups; each (sample, group) is normalized
     gx         = rstd * (d - mean_group(d) - xhat * mean_group(d * xhat)),   d = gy * weight[c]
 
 weight and bias are both given or both None (then y = xhat and gweight, gbias are None).
+
+Implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU, the C++
+extension (group_norm_forward/backward) and Numba CUDA for CuPy arrays. The Numba versions (CPU
+and CUDA) accumulate the statistics and the backward sums in float64 and round the results to
+x's dtype.
+The CUDA kernels give each (sample, group) a block whose threads stride over the group and add
+their partial sums in a tree in shared memory; the per-channel gradient sums come from a second
+kernel with a block per channel, so no sum depends on the order in which blocks finish.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import numpy as np
 
 from minidiff.backend import get_array_module
 
+from . import _cuda
 from ._checks import float_dtype, same_shape
-from .registry import native, njit, prange, register
+from ._cuda import BUFFER, block_sum, block_sum2
+from .registry import cuda, native, njit, prange, register
 
 
 def _check_x(fn, x, groups):
@@ -177,11 +187,11 @@ def _group_norm_backward_cpu(gy, x, weight, mean, rstd, groups, gx, gw_part, gb_
                 gx[n, c, s] = r * (gy[n, c, s] * w - mean_d - xhat * mean_dxhat)
 
 
-def _affine_or_identity(weight, bias, C, dtype):
+def _affine_or_identity(weight, bias, C, dtype, xp=np):
     """The kernels always scale and shift; without weight they do it by 1 and 0."""
     if weight is None:
-        return np.ones(C, dtype), np.zeros(C, dtype)
-    return np.ascontiguousarray(weight), np.ascontiguousarray(bias)
+        return xp.ones(C, dtype), xp.zeros(C, dtype)
+    return xp.ascontiguousarray(weight), xp.ascontiguousarray(bias)
 
 
 @register("group_norm_forward", "numba")
@@ -410,39 +420,175 @@ def group_norm_silu_backward_numba(gy, x, weight, bias, shift, mean, rstd, group
     return gx.reshape(x.shape), gweight, gbias, (None if shift is None else gshift)
 
 
-# native (kernels/norm.cpp): float32 data stays float32 in the elementwise part, with an exp
-# written to vectorize; the statistics and the sums of the backward are float64 as above.
+# -- Numba CUDA ------------------------------------------------------------------------------
+#
+# Both ops share the kernels: plain group norm runs them with a zero shift and silu=False (and,
+# without weight, a weight of ones and a bias of zeros), as the Numba CPU kernels of the fused op
+# do. Arrays arrive as (N, C, S); x + shift, xhat and u are formed in float64.
 
 
-def _native_shift(shift):
-    return None if shift is None else np.ascontiguousarray(shift)
+@cuda.jit(device=True)
+def _upstream_gradient(gy, xhat, w, b, silu):
+    """d loss / d u for u = xhat w + b: gy itself, or through y = silu(u) when ``silu``."""
+    if silu:
+        u = xhat * w + b
+        sig = 1.0 / (1.0 + math.exp(-u))
+        return gy * sig * (1.0 + u * (1.0 - sig))
+    return gy
 
 
-@register("group_norm_silu_forward", "native")
-def group_norm_silu_forward_native(x, weight, bias, shift, groups, eps):
-    N, C, S, M = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
-    _check_shift("group_norm_silu_forward", shift, N, C)
-    w, b = _affine_or_identity(weight, bias, C, x.dtype)
-    x3 = np.ascontiguousarray(x).reshape(N, C, S)
-    y, mean, rstd = native.group_norm_silu_forward(x3, w, b, _native_shift(shift), groups, float(eps))
+@cuda.jit(cache=True)
+def _group_norm_forward_cuda(x, weight, bias, shift, groups, eps, silu, y, mean, rstd):
+    # one block per (n, group); its threads stride over the group's C/groups * S elements
+    C, S = x.shape[1], x.shape[2]
+    cpg = C // groups
+    m = cpg * S
+    n, g = cuda.blockIdx.x // groups, cuda.blockIdx.x % groups
+    first = g * cpg
+    buf = cuda.shared.array(BUFFER, np.float64)
+    total = 0.0
+    for k in range(cuda.threadIdx.x, m, cuda.blockDim.x):
+        c, s = first + k // S, k % S
+        total += np.float64(x[n, c, s]) + np.float64(shift[n, c])
+    mu = block_sum(buf, total) / m
+    sq = 0.0
+    for k in range(cuda.threadIdx.x, m, cuda.blockDim.x):
+        c, s = first + k // S, k % S
+        dev = np.float64(x[n, c, s]) + np.float64(shift[n, c]) - mu
+        sq += dev * dev
+    r = 1.0 / math.sqrt(block_sum(buf, sq) / m + eps)
+    if cuda.threadIdx.x == 0:
+        mean[n, g] = mu
+        rstd[n, g] = r
+    for k in range(cuda.threadIdx.x, m, cuda.blockDim.x):
+        c, s = first + k // S, k % S
+        a = r * np.float64(weight[c])
+        u = (np.float64(x[n, c, s]) + np.float64(shift[n, c]) - mu) * a + np.float64(bias[c])
+        y[n, c, s] = u / (1.0 + math.exp(-u)) if silu else u
+
+
+@cuda.jit(cache=True)
+def _group_norm_backward_cuda(gy, x, weight, bias, shift, mean, rstd, groups, silu, gx):
+    # one block per (n, group); its threads stride over the group's C/groups * S elements
+    C, S = x.shape[1], x.shape[2]
+    cpg = C // groups
+    m = cpg * S
+    n, g = cuda.blockIdx.x // groups, cuda.blockIdx.x % groups
+    first = g * cpg
+    mu, r = np.float64(mean[n, g]), np.float64(rstd[n, g])
+    buf_a = cuda.shared.array(BUFFER, np.float64)
+    buf_b = cuda.shared.array(BUFFER, np.float64)
+    sum_d = 0.0
+    sum_dxhat = 0.0
+    for k in range(cuda.threadIdx.x, m, cuda.blockDim.x):
+        c, s = first + k // S, k % S
+        w = np.float64(weight[c])
+        xhat = (np.float64(x[n, c, s]) + np.float64(shift[n, c]) - mu) * r
+        d = _upstream_gradient(np.float64(gy[n, c, s]), xhat, w, np.float64(bias[c]), silu) * w
+        sum_d += d
+        sum_dxhat += d * xhat
+    sum_d, sum_dxhat = block_sum2(buf_a, buf_b, sum_d, sum_dxhat)
+    mean_d, mean_dxhat = sum_d / m, sum_dxhat / m
+    for k in range(cuda.threadIdx.x, m, cuda.blockDim.x):
+        c, s = first + k // S, k % S
+        w = np.float64(weight[c])
+        xhat = (np.float64(x[n, c, s]) + np.float64(shift[n, c]) - mu) * r
+        d = _upstream_gradient(np.float64(gy[n, c, s]), xhat, w, np.float64(bias[c]), silu) * w
+        gx[n, c, s] = r * (d - mean_d - xhat * mean_dxhat)
+
+
+@cuda.jit(cache=True)
+def _group_norm_channel_sums_cuda(
+    gy, x, weight, bias, shift, mean, rstd, groups, silu, gx, with_shift, gweight, gbias, gshift
+):
+    # one block per channel c; its threads stride over the spatial positions of each sample in turn
+    N, C, S = x.shape[0], x.shape[1], x.shape[2]
+    c = cuda.blockIdx.x
+    g = c // (C // groups)
+    w, b = np.float64(weight[c]), np.float64(bias[c])
+    buf_a = cuda.shared.array(BUFFER, np.float64)
+    buf_b = cuda.shared.array(BUFFER, np.float64)
+    gw = 0.0
+    gb = 0.0
+    for n in range(N):
+        mu, r = np.float64(mean[n, g]), np.float64(rstd[n, g])
+        sh = np.float64(shift[n, c])
+        part = 0.0
+        for s in range(cuda.threadIdx.x, S, cuda.blockDim.x):
+            xhat = (np.float64(x[n, c, s]) + sh - mu) * r
+            gu = _upstream_gradient(np.float64(gy[n, c, s]), xhat, w, b, silu)
+            gw += gu * xhat
+            gb += gu
+            part += np.float64(gx[n, c, s])
+        if with_shift:  # gshift[n, c]: the sum of gx over the spatial positions
+            total = block_sum(buf_a, part)
+            if cuda.threadIdx.x == 0:
+                gshift[n, c] = total
+    gw, gb = block_sum2(buf_a, buf_b, gw, gb)
+    if cuda.threadIdx.x == 0:
+        gweight[c] = gw
+        gbias[c] = gb
+
+
+def _group_norm_forward_on_device(fn, x, weight, bias, shift, groups, eps, silu):
+    N, C, S, M = _check_forward(fn, x, weight, bias, groups)
+    _check_shift(fn, shift, N, C)
+    xp = get_array_module(x)
+    x3 = xp.ascontiguousarray(x).reshape(N, C, S)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype, xp)
+    sh = xp.zeros((N, C), x.dtype) if shift is None else xp.ascontiguousarray(shift)
+    y = xp.empty(x3.shape, x.dtype)
+    mean = xp.empty((N, groups), x.dtype)
+    rstd = xp.empty((N, groups), x.dtype)
+    _cuda.launch_per_block(
+        _group_norm_forward_cuda, N * groups, M, x3, w, b, sh, groups, np.float64(eps), silu, y, mean, rstd
+    )
     return y.reshape(x.shape), mean, rstd
 
 
-@register("group_norm_silu_backward", "native")
-def group_norm_silu_backward_native(gy, x, weight, bias, shift, mean, rstd, groups):
-    N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
-    _check_shift("group_norm_silu_backward", shift, N, C)
-    w, b = _affine_or_identity(weight, bias, C, x.dtype)
-    gx, gweight, gbias, gshift = native.group_norm_silu_backward(
-        np.ascontiguousarray(gy).reshape(N, C, S),
-        np.ascontiguousarray(x).reshape(N, C, S),
-        w,
-        b,
-        _native_shift(shift),
-        np.ascontiguousarray(mean),
-        np.ascontiguousarray(rstd),
-        groups,
+def _group_norm_backward_on_device(fn, gy, x, weight, bias, shift, mean, rstd, groups, silu):
+    """``(gx, gweight, gbias, gshift)``; gweight and gbias None without weight, gshift None
+    without shift."""
+    N, C, S, M = _check_backward(fn, gy, x, weight, mean, rstd, groups)
+    _check_shift(fn, shift, N, C)
+    xp = get_array_module(x)
+    x3 = xp.ascontiguousarray(x).reshape(N, C, S)
+    gy3 = xp.ascontiguousarray(gy).reshape(N, C, S)
+    w = xp.ones(C, x.dtype) if weight is None else xp.ascontiguousarray(weight)
+    b = xp.zeros(C, x.dtype) if bias is None else xp.ascontiguousarray(bias)  # used with silu only
+    sh = xp.zeros((N, C), x.dtype) if shift is None else xp.ascontiguousarray(shift)
+    stats = (xp.ascontiguousarray(mean), xp.ascontiguousarray(rstd))
+    gx = xp.empty(x3.shape, x.dtype)
+    args = (gy3, x3, w, b, sh, *stats, groups, silu, gx)
+    _cuda.launch_per_block(_group_norm_backward_cuda, N * groups, M, *args)
+    if weight is None and shift is None:
+        return gx.reshape(x.shape), None, None, None
+    gweight, gbias, gshift = xp.empty(C, x.dtype), xp.empty(C, x.dtype), xp.empty((N, C), x.dtype)
+    _cuda.launch_per_block(
+        _group_norm_channel_sums_cuda, C, S, *args, shift is not None, gweight, gbias, gshift
     )
     if weight is None:
         gweight = gbias = None
-    return gx.reshape(x.shape), gweight, gbias, gshift
+    return gx.reshape(x.shape), gweight, gbias, (None if shift is None else gshift)
+
+
+@register("group_norm_forward", "cuda")
+def group_norm_forward_cuda(x, weight, bias, groups, eps):
+    return _group_norm_forward_on_device("group_norm_forward", x, weight, bias, None, groups, eps, False)
+
+
+@register("group_norm_backward", "cuda")
+def group_norm_backward_cuda(gy, x, weight, mean, rstd, groups):
+    fn = "group_norm_backward"
+    return _group_norm_backward_on_device(fn, gy, x, weight, None, None, mean, rstd, groups, False)[:3]
+
+
+@register("group_norm_silu_forward", "cuda")
+def group_norm_silu_forward_cuda(x, weight, bias, shift, groups, eps):
+    return _group_norm_forward_on_device("group_norm_silu_forward", x, weight, bias, shift, groups, eps, True)
+
+
+@register("group_norm_silu_backward", "cuda")
+def group_norm_silu_backward_cuda(gy, x, weight, bias, shift, mean, rstd, groups):
+    fn = "group_norm_silu_backward"
+    return _group_norm_backward_on_device(fn, gy, x, weight, bias, shift, mean, rstd, groups, True)
