@@ -15,9 +15,8 @@ are split into ``groups`` consecutive groups; each (sample, group) is normalized
 weight and bias are both given or both None (then y = xhat and gweight, gbias are None).
 
 Implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU, the C++
-extension (group_norm_forward/backward) and Numba CUDA for CuPy arrays. The Numba versions (CPU
-and CUDA) accumulate the statistics and the backward sums in float64 and round the results to
-x's dtype.
+extension and Numba CUDA for CuPy arrays. The Numba versions (CPU and CUDA) accumulate the
+statistics and the backward sums in float64 and round the results to x's dtype.
 The CUDA kernels give each (sample, group) a block whose threads stride over the group and add
 their partial sums in a tree in shared memory; the per-channel gradient sums come from a second
 kernel with a block per channel, so no sum depends on the order in which blocks finish.
@@ -418,6 +417,44 @@ def group_norm_silu_backward_numba(gy, x, weight, bias, shift, mean, rstd, group
     gweight = None if weight is None else gw_part.sum(axis=0).astype(x.dtype)
     gbias = None if weight is None else gb_part.sum(axis=0).astype(x.dtype)
     return gx.reshape(x.shape), gweight, gbias, (None if shift is None else gshift)
+
+
+# native (kernels/norm.cpp): float32 data stays float32 in the elementwise part, with an exp
+# written to vectorize; the statistics and the sums of the backward are float64 as above.
+
+
+def _native_shift(shift):
+    return None if shift is None else np.ascontiguousarray(shift)
+
+
+@register("group_norm_silu_forward", "native")
+def group_norm_silu_forward_native(x, weight, bias, shift, groups, eps):
+    N, C, S, M = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
+    _check_shift("group_norm_silu_forward", shift, N, C)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    x3 = np.ascontiguousarray(x).reshape(N, C, S)
+    y, mean, rstd = native.group_norm_silu_forward(x3, w, b, _native_shift(shift), groups, float(eps))
+    return y.reshape(x.shape), mean, rstd
+
+
+@register("group_norm_silu_backward", "native")
+def group_norm_silu_backward_native(gy, x, weight, bias, shift, mean, rstd, groups):
+    N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
+    _check_shift("group_norm_silu_backward", shift, N, C)
+    w, b = _affine_or_identity(weight, bias, C, x.dtype)
+    gx, gweight, gbias, gshift = native.group_norm_silu_backward(
+        np.ascontiguousarray(gy).reshape(N, C, S),
+        np.ascontiguousarray(x).reshape(N, C, S),
+        w,
+        b,
+        _native_shift(shift),
+        np.ascontiguousarray(mean),
+        np.ascontiguousarray(rstd),
+        groups,
+    )
+    if weight is None:
+        gweight = gbias = None
+    return gx.reshape(x.shape), gweight, gbias, gshift
 
 
 # -- Numba CUDA ------------------------------------------------------------------------------
