@@ -312,3 +312,25 @@ def test_without_a_cuda_driver_numba_cuda_is_not_even_imported():
     assert imported == "False"
     assert why.startswith("no CUDA driver library")
     assert error.startswith("kernel implementation 'cuda' (from use()) is not available: no CUDA driver")
+
+
+def test_cuda_status_says_why_a_driver_without_a_gpu_is_not_usable(monkeypatch):
+    class Driver:
+        def __init__(self, error=None):
+            self.error = error
+
+        def is_available(self):
+            if self.error:
+                raise self.error
+            return False
+
+    monkeypatch.setattr(registry, "_cuda_missing", None)
+    monkeypatch.setattr(registry, "_simulated", lambda: False)
+    monkeypatch.setattr(registry, "cuda", Driver())
+    assert registry._cuda_status() == (
+        False,
+        "numba.cuda found no usable CUDA GPU (cuda.is_available() is False)",
+    )
+    monkeypatch.setattr(registry, "cuda", Driver(OSError("driver version too old")))
+    ok, why = registry._cuda_status()
+    assert not ok and why == "the CUDA driver failed to start (OSError: driver version too old)"
