@@ -39,14 +39,8 @@ def _zero_(param):
 
 
 def _norm_silu(norm: GroupNorm, x, shift=None):
-    """silu(norm(x + shift)).
-
-    Kept as separate ops: F.group_norm_silu computes the same in one kernel, but its Numba
-    backward is still slower than the native group norm followed by SiLU (bench/RESULTS.md).
-    """
-    if shift is not None:
-        x = x + F.reshape(shift, shift.shape + (1,) * (x.ndim - 2))
-    return F.silu(norm(x))
+    """silu(norm(x + shift)) in one fused kernel (F.group_norm_silu), shift (N, C) or None."""
+    return F.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift=shift)
 
 
 class ResBlock(Module):
