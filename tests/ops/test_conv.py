@@ -128,7 +128,7 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
 
     whole = run()
     monkeypatch.setattr(conv_op, "COLS_CHUNK_BYTES", chunk_bytes)
-    chunks = conv_op.Conv2d()._chunks(x, k, k, 8)
+    chunks = conv_op.Conv2d._chunks(x, 2 * k * k * 8)
     assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == 5
     chunked = run()
     expected = ref_conv2d(x, w, b, (stride,) * 2, (padding,) * 2)
