@@ -75,6 +75,7 @@ def extensions():
             "minidiff._native",
             sorted(glob.glob("kernels/*.cpp")),
             include_dirs=["kernels"],
+            depends=sorted(glob.glob("kernels/*.h")),  # rebuild when a header changes
             cxx_std=17,
             optional=True,  # setuptools then also skips copying it in place when it is missing
         )

@@ -2,7 +2,10 @@
 // Arrays are C-contiguous and already checked by the Python wrappers in minidiff/kernels/.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 // The build targets baseline x86-64 (SSE2). MINIDIFF_VECTOR_CLONES on a function adds an AVX2
 // clone of it, picked at load time on CPUs that have it (AVX2 only: no FMA, so no fused
@@ -14,6 +17,36 @@
 #endif
 
 namespace minidiff {
+
+// e^v in float, written so that it vectorizes (std::exp does not, without -ffast-math): Cephes'
+// expf, v = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r, then 2^n from the
+// exponent bits. About 1 ulp. Results below the smallest normal float (v < -87.34) are flushed
+// to 0, v > 88.72 gives inf, NaN stays NaN; near the top, e^v = e^(v-1) e keeps 2^n finite.
+inline float exp_approx(float v) {
+    const bool high = v > 88.0f;
+    const float c = std::min(std::max(high ? v - 1.0f : v, -87.33654f), 88.0f);
+    const float t = c * 1.44269504088896341f;
+    const int32_t n = static_cast<int32_t>(t + std::copysign(0.5f, t));  // round to nearest
+    const float nf = static_cast<float>(n);
+    const float r = (c - nf * 0.693359375f) + nf * 2.12194440e-4f;  // ln2 in two parts
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const int32_t bits = (n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    float e = (p * r * r + r + 1.0f) * scale;
+    e = high ? e * 2.71828182845904524f : e;
+    e = v < -87.33654f ? 0.0f : e;
+    e = v > 88.72283f ? HUGE_VALF : e;
+    return v != v ? v : e;
+}
+
+// float64 keeps the library's exp: it is the precise path (gradient checks run in float64).
+inline double exp_approx(double v) { return std::exp(v); }
 
 // Geometry of a 2-D convolution over x (N, C, H, W) with zero padding; Ho, Wo the output size.
 struct ConvGeometry {
@@ -55,6 +88,16 @@ void group_norm_silu_backward(const T* gy, const T* x, const T* weight, const T*
                               const T* shift, const T* mean, const T* rstd, T* gx,
                               double* gw_part, double* gb_part, T* gshift, int64_t N, int64_t C,
                               int64_t S, int64_t G);
+
+// -- attention.cpp: softmax along the rows of x (R, L), L >= 1 ---------------------------------
+
+// y = softmax(scale * x) per row.
+template <typename T>
+void softmax_forward(const T* x, T scale, T* y, int64_t R, int64_t L, bool parallel);
+
+// gx = y * (gy - sum(gy * y)) * scale per row (the sum in double).
+template <typename T>
+void softmax_backward(const T* gy, const T* y, T scale, T* gx, int64_t R, int64_t L, bool parallel);
 
 // -- diffusion.cpp: elementwise kernels over flat arrays ---------------------------------------
 // `parallel` says whether to split the work over OpenMP threads: the Python wrappers decide by

@@ -226,6 +226,38 @@ py::tuple group_norm_silu_backward(carray<T> gy, carray<T> x, std::optional<carr
     return py::make_tuple(gx, gweight, gbias, gshift);
 }
 
+// -- attention.cpp ---------------------------------------------------------------------------
+
+template <typename T>
+carray<T> softmax_forward(carray<T> x, double scale, bool parallel) {
+    require(x.ndim() == 2 && x.shape(1) >= 1, "softmax_forward: x must have shape (R, L) with L >= 1");
+    const int64_t R = x.shape(0), L = x.shape(1);
+    auto y = empty<T>({R, L});
+    const T* xp = x.data();
+    T* yp = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::softmax_forward(xp, T(scale), yp, R, L, parallel);
+    }
+    return y;
+}
+
+template <typename T>
+carray<T> softmax_backward(carray<T> gy, carray<T> y, double scale, bool parallel) {
+    require(y.ndim() == 2 && y.shape(1) >= 1, "softmax_backward: y must have shape (R, L) with L >= 1");
+    require(gy.ndim() == 2 && gy.shape(0) == y.shape(0) && gy.shape(1) == y.shape(1),
+            "softmax_backward: gy must have the shape of y");
+    const int64_t R = y.shape(0), L = y.shape(1);
+    auto gx = empty<T>({R, L});
+    const T *gyp = gy.data(), *yp = y.data();
+    T* gxp = gx.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::softmax_backward(gyp, yp, T(scale), gxp, R, L, parallel);
+    }
+    return gx;
+}
+
 template <typename T>
 void bind(py::module_& m) {
     m.def("im2col", &im2col<T>, "x"_a.noconvert(), "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a,
@@ -238,6 +270,10 @@ void bind(py::module_& m) {
     m.def("group_norm_backward", &group_norm_backward<T>, "gy"_a.noconvert(), "x"_a.noconvert(),
           "weight"_a.noconvert().none(true), "mean"_a.noconvert(), "rstd"_a.noconvert(),
           "groups"_a, "(gx, gweight, gbias); gweight and gbias are None without weight.");
+    m.def("softmax_forward", &softmax_forward<T>, "x"_a.noconvert(), "scale"_a, "parallel"_a,
+          "softmax(scale * x) along the rows of x (R, L); see minidiff/kernels/attention.py.");
+    m.def("softmax_backward", &softmax_backward<T>, "gy"_a.noconvert(), "y"_a.noconvert(),
+          "scale"_a, "parallel"_a, "Gradient wrt x of softmax(scale * x) from its output y.");
     m.def("group_norm_silu_forward", &group_norm_silu_forward<T>, "x"_a.noconvert(),
           "weight"_a.noconvert().none(true), "bias"_a.noconvert().none(true),
           "shift"_a.noconvert().none(true), "groups"_a, "eps"_a,

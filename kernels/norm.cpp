@@ -1,8 +1,6 @@
 // Group norm on the CPU, one OpenMP task per (sample, group); statistics in double.
 // Same semantics as group_norm_forward_reference / group_norm_backward_reference.
-#include <algorithm>
 #include <cmath>
-#include <cstring>
 
 #include "kernels.h"
 
@@ -86,30 +84,6 @@ void group_norm_backward(const T* gy, const T* x, const T* weight, const T* mean
 // elementwise part runs in T, in vector lanes (SiLU's exp is most of its cost).
 
 namespace {
-
-// e^v in float, written so that it vectorizes (std::exp does not, without -ffast-math): Cephes'
-// expf, v = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r, then 2^n from the
-// exponent bits. About 1 ulp; v is clamped to [-87, 88], where 2^n stays a normal float.
-inline float exp_approx(float v) {
-    v = std::min(std::max(v, -87.0f), 88.0f);
-    const float t = v * 1.44269504088896341f;
-    const int32_t n = static_cast<int32_t>(t + std::copysign(0.5f, t));  // round to nearest
-    const float nf = static_cast<float>(n);
-    const float r = (v - nf * 0.693359375f) + nf * 2.12194440e-4f;  // ln2 in two parts
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const int32_t bits = (n + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return (p * r * r + r + 1.0f) * scale;
-}
-
-// float64 keeps the library's exp: it is the precise path (gradient checks run in float64).
-inline double exp_approx(double v) { return std::exp(v); }
 
 template <typename T>
 inline T sigmoid(T u) {

@@ -5,10 +5,12 @@
 
 The backward needs only y, not x, so attention saves the probabilities it already has.
 
-Implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU and Numba
-CUDA for CuPy arrays, the fast ones in float64 within a row. They handle the last axis (rows of a
-2-D view), the CUDA kernels with one block per row whose threads stride over it and combine their
-maxima and sums in a tree in shared memory; other axes run the reference.
+Implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU, native C++
+(kernels/attention.cpp) and Numba CUDA for CuPy arrays. The fast ones handle the last axis (rows of
+a 2-D view; other axes run the reference) and sum in float64. Numba CPU and native compute the
+exponentials in the data's dtype, native's float32 exp in vector lanes (about one ulp); the CUDA
+kernels work in float64 within a row, one block per row whose threads stride over it and combine
+their maxima and sums in a tree in shared memory.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from minidiff.backend import get_array_module
 from . import _cuda
 from ._checks import float_dtype, same_shape
 from ._cuda import BUFFER, block_max, block_sum
-from .registry import cuda, njit, prange, register
+from .registry import cuda, native, njit, prange, register
 
 
 def _check_axis(fn, x, axis):
@@ -61,10 +63,11 @@ def softmax_backward_reference(gy, y, axis=-1, scale=1.0):
 
 @njit(parallel=True, cache=True)
 def _softmax_forward_cpu(x, scale, y):
+    # scale arrives in x's dtype, so exp runs in that dtype (float32 exp is the cheaper one)
     R, L = x.shape
     for r in prange(R):
-        top = -np.inf
-        for k in range(L):
+        top = scale * x[r, 0]
+        for k in range(1, L):
             top = max(top, scale * x[r, k])  # max of scale*x: scale may be negative
         total = 0.0
         for k in range(L):
@@ -98,7 +101,7 @@ def softmax_forward_numba(x, axis=-1, scale=1.0):
     float_dtype("softmax_forward", x=x)
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     y = np.empty(rows.shape, x.dtype)
-    _softmax_forward_cpu(rows, float(scale), y)
+    _softmax_forward_cpu(rows, x.dtype.type(scale), y)
     return y.reshape(x.shape)
 
 
@@ -112,6 +115,34 @@ def softmax_backward_numba(gy, y, axis=-1, scale=1.0):
     gy_rows = np.ascontiguousarray(gy).reshape(-1, y.shape[-1])
     gx = np.empty(y_rows.shape, y.dtype)
     _softmax_backward_cpu(gy_rows, y_rows, float(scale), gx)
+    return gx.reshape(y.shape)
+
+
+# -- native (kernels/attention.cpp) -----------------------------------------------------------
+
+# The rows run on one thread below this many elements: a softmax costs about ten copies of its
+# input (the exp), so threads pay off sooner than for the memory-bound passes of diffusion.py.
+PARALLEL_MIN = 1 << 15
+
+
+@register("softmax_forward", "native")
+def softmax_forward_native(x, axis=-1, scale=1.0):
+    if not _is_last(x, axis) or x.ndim == 0 or x.size == 0:
+        return softmax_forward_reference(x, axis, scale)
+    float_dtype("softmax_forward", x=x)
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    return native.softmax_forward(rows, float(scale), x.size >= PARALLEL_MIN).reshape(x.shape)
+
+
+@register("softmax_backward", "native")
+def softmax_backward_native(gy, y, axis=-1, scale=1.0):
+    if not _is_last(y, axis) or y.ndim == 0 or y.size == 0:
+        return softmax_backward_reference(gy, y, axis, scale)
+    float_dtype("softmax_backward", gy=gy, y=y)
+    same_shape("softmax_backward", gy=gy, y=y)
+    y_rows = np.ascontiguousarray(y).reshape(-1, y.shape[-1])
+    gy_rows = np.ascontiguousarray(gy).reshape(-1, y.shape[-1])
+    gx = native.softmax_backward(gy_rows, y_rows, float(scale), y.size >= PARALLEL_MIN)
     return gx.reshape(y.shape)
 
 

@@ -118,6 +118,18 @@ def test_large_logits_do_not_overflow():
         np.testing.assert_allclose(forward(x, scale=-1.0), [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("forward", impls("softmax_forward"))
+def test_masked_and_tiny_logits_get_probability_zero(forward, dtype):
+    """-inf (a masked position) and logits far below the row's max give exactly 0; NaN spreads."""
+    x = np.array([[0.0, -np.inf, 1.0, -np.inf], [-1e4, 3.0, -1e3, 2.0]], dtype)
+    y = forward(x)
+    assert y[0, 1] == y[0, 3] == 0.0 and y[1, 0] == y[1, 2] == 0.0
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(y[0, [0, 2]], [1 / (1 + np.e), np.e / (1 + np.e)], rtol=1e-6)
+    assert np.isnan(forward(np.array([[0.0, np.nan, 1.0]], dtype))).all()
+
+
 @pytest.mark.parametrize("forward", impls("softmax_forward"))
 def test_forward_rejects_bad_input(forward):
     with pytest.raises(TypeError, match="softmax_forward.*int64"):
