@@ -11,8 +11,8 @@ Selection rules:
 
 - NumPy arrays run a CPU implementation. ``"auto"`` (the default) picks the fastest one present
   for the op: native > numba > reference. A named implementation that has no version of some op
-  falls back along that same order (``use("native")`` runs the Numba softmax, since there is no
-  native one). The CUDA kernels never run NumPy arrays.
+  falls back along that same order (``use("native")`` runs the Numba Adam update, since there is
+  no native one). The CUDA kernels never run NumPy arrays.
 - CuPy arrays (any array with ``__cuda_array_interface__``) run the ``"cuda"`` version when the op
   has one and CUDA is usable, else the reference (it is ``xp`` code); ``use("reference")`` makes
   them run the reference too.
