@@ -4,7 +4,9 @@ Same architecture on both sides (parameter counts are checked equal), the same
 batch, run in one process: the median of repeated runs after warm-up, and the
 ratio minidiff / PyTorch (below 1 means minidiff is faster). Each framework
 runs in a fresh subprocess, with its own threading defaults, which also gives
-its peak resident memory during training.
+its peak resident memory during training. A shared machine's speed drifts over
+seconds to minutes, so the two alternate for --rounds rounds, and the ratio
+printed is the median of the rounds' ratios (each round's pair ran back to back).
 
     python bench/unet.py                     # UNet(1, 32, (1,2,2), 1, (8,), 32, norm_groups=8), batch 32
     python bench/unet.py --batch 64 --image-size 16 --mults 1 2
@@ -131,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mults", type=int, nargs="+", default=[1, 2, 2])
     parser.add_argument("--norm-groups", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="minidiff/PyTorch pairs, alternating")
     parser.add_argument("--json", default=str(HERE / "unet.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-args", help=argparse.SUPPRESS)
@@ -149,22 +152,36 @@ def main(argv=None) -> int:
         image_size=args.image_size,
         norm_groups=args.norm_groups,
     )
-    results = {fw: measure_in_subprocess(fw, cfg, args.batch, args.repeats) for fw in ("minidiff", "torch")}
-    if results["minidiff"]["params"] != results["torch"]["params"]:
-        raise SystemExit(f"parameter counts differ: {results}")
+    rounds = [
+        {fw: measure_in_subprocess(fw, cfg, args.batch, args.repeats) for fw in ("minidiff", "torch")}
+        for _ in range(args.rounds)
+    ]
+    if rounds[0]["minidiff"]["params"] != rounds[0]["torch"]["params"]:
+        raise SystemExit(f"parameter counts differ: {rounds[0]}")
+    keys = ("train_ms", "sample_ms", "peak_mb")
+    results = {}
+    for fw in ("minidiff", "torch"):
+        results[fw] = {"params": rounds[0][fw]["params"]}
+        results[fw] |= {k: float(np.median([r[fw][k] for r in rounds])) for k in keys}
+    ratios = {k: float(np.median([r["minidiff"][k] / r["torch"][k] for r in rounds])) for k in keys}
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "config": {**cfg, "batch": args.batch},
         "torch": torch.__version__,
         "results": results,
+        "ratios": ratios,
+        "rounds": rounds,
     }
     Path(args.json).write_text(json.dumps(report, indent=1))
     md, pt = results["minidiff"], results["torch"]
     print(
         f"UNet{tuple(cfg.values())[:6]} batch {args.batch}, {md['params']:,} parameters, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats} per run, {args.rounds} alternating rounds"
     )
+    for name, key in (("training step (ms)", "train_ms"), ("sampling forward (ms)", "sample_ms")):
+        per_round = " ".join(f"{r['minidiff'][key]:.0f}/{r['torch'][key]:.0f}" for r in rounds)
+        print(f"  {name:<24} rounds (minidiff/PyTorch): {per_round}")
     print(f"{'':<26}{'minidiff':>12}{'PyTorch':>12}{'ratio':>8}")
     rows = [
         ("training step (ms)", "train_ms"),
@@ -172,7 +189,7 @@ def main(argv=None) -> int:
         ("peak memory, train (MiB)", "peak_mb"),
     ]
     for name, key in rows:
-        print(f"{name:<26}{md[key]:>12.1f}{pt[key]:>12.1f}{md[key] / pt[key]:>8.2f}")
+        print(f"{name:<26}{md[key]:>12.1f}{pt[key]:>12.1f}{ratios[key]:>8.2f}")
     return 0
 
 
