@@ -8,7 +8,7 @@ namespace minidiff {
 namespace {
 
 template <typename T>
-MINIDIFF_VECTOR_CLONES void softmax_row(const T* __restrict x, T scale, T* __restrict y, int64_t L) {
+MINIDIFF_WIDE_CLONES void softmax_row(const T* __restrict x, T scale, T* __restrict y, int64_t L) {
     T top = scale * x[0];  // the max of scale * x: scale may be negative
 #pragma omp simd reduction(max : top)
     for (int64_t k = 1; k < L; ++k) top = std::max(top, scale * x[k]);
@@ -25,7 +25,7 @@ MINIDIFF_VECTOR_CLONES void softmax_row(const T* __restrict x, T scale, T* __res
 }
 
 template <typename T>
-MINIDIFF_VECTOR_CLONES void softmax_grad_row(const T* __restrict gy, const T* __restrict y, T scale,
+MINIDIFF_WIDE_CLONES void softmax_grad_row(const T* __restrict gy, const T* __restrict y, T scale,
                                              T* __restrict gx, int64_t L) {
     double dot = 0.0;
 #pragma omp simd reduction(+ : dot)

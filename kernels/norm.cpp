@@ -91,7 +91,7 @@ inline T sigmoid(T u) {
 }
 
 template <typename T>
-MINIDIFF_VECTOR_CLONES double row_sum(const T* __restrict x, int64_t S) {
+MINIDIFF_WIDE_CLONES double row_sum(const T* __restrict x, int64_t S) {
     double total = 0.0;
 #pragma omp simd reduction(+ : total)
     for (int64_t s = 0; s < S; ++s) total += double(x[s]);
@@ -99,7 +99,7 @@ MINIDIFF_VECTOR_CLONES double row_sum(const T* __restrict x, int64_t S) {
 }
 
 template <typename T>
-MINIDIFF_VECTOR_CLONES double row_squared_deviation(const T* __restrict x, double center, int64_t S) {
+MINIDIFF_WIDE_CLONES double row_squared_deviation(const T* __restrict x, double center, int64_t S) {
     double total = 0.0;
 #pragma omp simd reduction(+ : total)
     for (int64_t s = 0; s < S; ++s) {
@@ -111,7 +111,7 @@ MINIDIFF_VECTOR_CLONES double row_squared_deviation(const T* __restrict x, doubl
 
 // y = silu(xhat * w + b) with xhat = (x - center) * r: one channel's row.
 template <typename T>
-MINIDIFF_VECTOR_CLONES void silu_norm_row(const T* __restrict x, T center, T r, T w, T b,
+MINIDIFF_WIDE_CLONES void silu_norm_row(const T* __restrict x, T center, T r, T w, T b,
                                           T* __restrict y, int64_t S) {
 #pragma omp simd
     for (int64_t s = 0; s < S; ++s) {
@@ -122,7 +122,7 @@ MINIDIFF_VECTOR_CLONES void silu_norm_row(const T* __restrict x, T center, T r, 
 
 // gu = gy * silu'(u) into gu; returns the row's sums of gu * xhat and of gu (in double).
 template <typename T>
-MINIDIFF_VECTOR_CLONES void silu_grad_row(const T* __restrict gy, const T* __restrict x, T center,
+MINIDIFF_WIDE_CLONES void silu_grad_row(const T* __restrict gy, const T* __restrict x, T center,
                                           T r, T w, T b, T* __restrict gu, int64_t S,
                                           double* sum_gu_xhat, double* sum_gu) {
     double sgx = 0.0, sg = 0.0;
@@ -142,7 +142,7 @@ MINIDIFF_VECTOR_CLONES void silu_grad_row(const T* __restrict gy, const T* __res
 
 // gx = gu * p + xhat * q + c in place of gu (the group norm backward); returns the row's sum.
 template <typename T>
-MINIDIFF_VECTOR_CLONES double norm_grad_row(T* __restrict g, const T* __restrict x, T center, T r,
+MINIDIFF_WIDE_CLONES double norm_grad_row(T* __restrict g, const T* __restrict x, T center, T r,
                                             T p, T q, T c, int64_t S) {
     double total = 0.0;
 #pragma omp simd reduction(+ : total)
