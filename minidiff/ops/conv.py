@@ -51,11 +51,12 @@ class Conv2d(Function):
     def _is_pointwise(self, kh, kw):
         return kh == kw == 1 and self.stride == (1, 1) and self.padding == (0, 0)
 
-    def _input_grad_is_a_conv(self, kh, kw):
+    def _input_grad_is_a_conv(self, o, c, kh, kw):
         """Whether backward computes gx as a convolution of gy (stride 1, padding below the
-        kernel size): that unfolds gy's O channels instead of folding back C*kH*kW rows of
-        columns, the same arithmetic with less memory traffic where O <= C, and no col2im."""
-        return self.stride == (1, 1) and self.padding[0] < kh and self.padding[1] < kw
+        kernel size, fewer output than input channels): that unfolds gy's O channels instead of
+        folding back C*kH*kW rows of columns, the same arithmetic with less memory traffic.
+        Otherwise the column gradient reuses the (cached) buffer of x's columns, then col2im."""
+        return o < c and self.stride == (1, 1) and self.padding[0] < kh and self.padding[1] < kw
 
     @staticmethod
     def _chunks(x, cols_per_sample):
@@ -86,7 +87,7 @@ class Conv2d(Function):
             gcols_dtype = xp.result_type(w2, g)
             gw = xp.zeros(w2.shape, dtype=xp.result_type(g, x)) if need_w else None
             gx = xp.empty((n, c, h * w), dtype=gcols_dtype) if need_x else None
-            as_conv = need_x and self._input_grad_is_a_conv(kh, kw)
+            as_conv = need_x and self._input_grad_is_a_conv(o, c, kh, kw)
             if as_conv:
                 # gx = gy (*) weight flipped in space, with O and C swapped, padded k - 1 - p
                 w_flip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].swapaxes(0, 1)).reshape(c, -1)

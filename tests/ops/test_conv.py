@@ -113,12 +113,14 @@ def test_conv2d_under_each_kernel_implementation(impl, stride, padding, k):
 
 @pytest.mark.parametrize("chunk_bytes", [1, 200])  # one sample per chunk; two samples per chunk
 @pytest.mark.parametrize("stride, padding, k", [(1, 1, 3), (2, 0, 2)])
-def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, padding, k):
+@pytest.mark.parametrize("out_channels", [1, 3])  # gx as a conv of gy (O < C, stride 1) or by col2im
+def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, padding, k, out_channels):
     """The CPU path unfolds a few samples at a time; values and gradients do not depend on it."""
     from minidiff.ops import conv as conv_op
 
     rng = np.random.default_rng(k)
-    x, w, b = rng.standard_normal((5, 2, 4, 5)), rng.standard_normal((3, 2, k, k)), rng.standard_normal(3)
+    o = out_channels
+    x, w, b = rng.standard_normal((5, 2, 4, 5)), rng.standard_normal((o, 2, k, k)), rng.standard_normal(o)
 
     def run():
         tx, tw, tb = leaf(x), leaf(w), leaf(b)
