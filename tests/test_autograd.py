@@ -145,6 +145,24 @@ def test_detach_cuts_the_graph_and_shares_data():
 # when it is pushed, not when it is expanded, so a tensor reached again on a later path is emitted
 # before that path's consumer: backward processes it before all of its gradient has arrived and
 # drops the rest
+def test_gradient_sums_never_write_into_a_shared_gradient():
+    """A node's gradient is summed in place only once it is a sum the engine made: the first
+    contribution may be an array shared with another node (Add hands one array to both inputs)."""
+    x = t64([1.0, 2.0])
+    u, v = x * 1.0, x * 1.0
+    s = u + v  # Add: u and v receive the same gradient array
+    (s + u * 3.0 + u * 5.0).sum().backward()  # u gets three contributions: shared, then sums
+    np.testing.assert_allclose(x.grad, [10.0, 10.0], **TOL64)  # u: 1 + 3 + 5, v: 1
+
+
+def test_three_way_fan_out_sums_each_contribution_once():
+    x = t64([0.5, -1.0])
+    h = x * 2.0
+    (h * h + h.exp() + h * 3.0).sum().backward()
+    hv = 2.0 * x.numpy()
+    np.testing.assert_allclose(x.grad, 2.0 * (2.0 * hv + np.exp(hv) + 3.0), **TOL64)
+
+
 def test_diamond_graph_sums_both_paths():
     x = t64([0.5, -1.0, 2.0])
     a = x * x  # path 1
