@@ -1,87 +1,13 @@
-// Group norm on the CPU, one OpenMP task per (sample, group); statistics in double.
-// Same semantics as group_norm_forward_reference / group_norm_backward_reference.
+// Group norm on the CPU, optionally fused with SiLU and a per-(sample, channel) shift of the
+// input. One OpenMP task per (sample, group); a group (cpg * S values) stays in the cache between
+// the passes, so the data is read from memory about once. The statistics and the sums of the
+// backward are in double; the elementwise part runs in T, in vector lanes (SiLU's exp through
+// exp_approx). Same semantics as the references in minidiff/kernels/norm.py.
 #include <cmath>
 
 #include "kernels.h"
 
 namespace minidiff {
-
-template <typename T>
-void group_norm_forward(const T* x, const T* weight, const T* bias, T* y, T* mean, T* rstd,
-                        int64_t N, int64_t C, int64_t S, int64_t G, double eps) {
-    const int64_t cpg = C / G, M = cpg * S;
-    const double m = static_cast<double>(M);
-#pragma omp parallel for schedule(static)
-    for (int64_t ng = 0; ng < N * G; ++ng) {
-        const int64_t n = ng / G, g = ng % G;
-        const T* xg = x + (n * C + g * cpg) * S;  // the group's channels are contiguous
-        T* yg = y + (n * C + g * cpg) * S;
-        double total = 0.0;
-        for (int64_t k = 0; k < M; ++k) total += xg[k];
-        const double mu = total / m;
-        double sq = 0.0;  // second pass: no cancellation when |mean| >> std
-        for (int64_t k = 0; k < M; ++k) {
-            const double d = xg[k] - mu;
-            sq += d * d;
-        }
-        const double r = 1.0 / std::sqrt(sq / m + eps);
-        mean[ng] = T(mu);
-        rstd[ng] = T(r);
-        for (int64_t cl = 0; cl < cpg; ++cl) {
-            const int64_t c = g * cpg + cl;
-            const double a = weight ? r * weight[c] : r;
-            const double b = bias ? double(bias[c]) : 0.0;
-            for (int64_t s = 0; s < S; ++s) yg[cl * S + s] = T((xg[cl * S + s] - mu) * a + b);
-        }
-    }
-}
-
-template <typename T>
-void group_norm_backward(const T* gy, const T* x, const T* weight, const T* mean, const T* rstd,
-                         T* gx, double* gw_part, double* gb_part,
-                         int64_t N, int64_t C, int64_t S, int64_t G) {
-    const int64_t cpg = C / G;
-    const double m = static_cast<double>(cpg * S);
-#pragma omp parallel for schedule(static)
-    for (int64_t ng = 0; ng < N * G; ++ng) {
-        const int64_t n = ng / G, g = ng % G;
-        const int64_t offset = (n * C + g * cpg) * S;
-        const T *xg = x + offset, *gyg = gy + offset;
-        T* gxg = gx + offset;
-        const double mu = mean[ng], r = rstd[ng];
-        double sum_d = 0.0, sum_dxhat = 0.0;  // sums over the group of d = gy*w and d*xhat
-        for (int64_t cl = 0; cl < cpg; ++cl) {
-            const int64_t c = g * cpg + cl;
-            double gw = 0.0, gb = 0.0;
-            for (int64_t s = 0; s < S; ++s) {
-                const double xhat = (xg[cl * S + s] - mu) * r;
-                gw += gyg[cl * S + s] * xhat;
-                gb += gyg[cl * S + s];
-            }
-            if (gw_part) {
-                gw_part[n * C + c] = gw;
-                gb_part[n * C + c] = gb;
-            }
-            const double w = weight ? double(weight[c]) : 1.0;
-            sum_d += gb * w;
-            sum_dxhat += gw * w;
-        }
-        const double mean_d = sum_d / m, mean_dxhat = sum_dxhat / m;
-        for (int64_t cl = 0; cl < cpg; ++cl) {
-            const int64_t c = g * cpg + cl;
-            const double w = weight ? double(weight[c]) : 1.0;
-            for (int64_t s = 0; s < S; ++s) {
-                const double xhat = (xg[cl * S + s] - mu) * r;
-                gxg[cl * S + s] = T(r * (gyg[cl * S + s] * w - mean_d - xhat * mean_dxhat));
-            }
-        }
-    }
-}
-
-// -- group norm + SiLU -------------------------------------------------------------------------
-// One task per (sample, group) as above; a group (cpg * S values) stays in the cache between the
-// passes, so the data is read from memory about once. The statistics are summed in double; the
-// elementwise part runs in T, in vector lanes (SiLU's exp is most of its cost).
 
 namespace {
 
@@ -109,29 +35,33 @@ MINIDIFF_WIDE_CLONES double row_squared_deviation(const T* __restrict x, double 
     return total;
 }
 
-// y = silu(xhat * w + b) with xhat = (x - center) * r: one channel's row.
-template <typename T>
-MINIDIFF_WIDE_CLONES void silu_norm_row(const T* __restrict x, T center, T r, T w, T b,
-                                          T* __restrict y, int64_t S) {
+// y = u = xhat * w + b with xhat = (x - center) * r, or silu(u): one channel's row.
+template <typename T, bool Silu>
+MINIDIFF_WIDE_CLONES void norm_row(const T* __restrict x, T center, T r, T w, T b, T* __restrict y,
+                                   int64_t S) {
 #pragma omp simd
     for (int64_t s = 0; s < S; ++s) {
         const T u = (x[s] - center) * r * w + b;
-        y[s] = u * sigmoid(u);
+        y[s] = Silu ? u * sigmoid(u) : u;
     }
 }
 
-// gu = gy * silu'(u) into gu; returns the row's sums of gu * xhat and of gu (in double).
-template <typename T>
-MINIDIFF_WIDE_CLONES void silu_grad_row(const T* __restrict gy, const T* __restrict x, T center,
-                                          T r, T w, T b, T* __restrict gu, int64_t S,
-                                          double* sum_gu_xhat, double* sum_gu) {
+// gu = d loss / du (gy itself, or gy * silu'(u)) into gu; the row's sums of gu * xhat and of gu
+// (in double) into sum_gu_xhat and sum_gu.
+template <typename T, bool Silu>
+MINIDIFF_WIDE_CLONES void upstream_grad_row(const T* __restrict gy, const T* __restrict x, T center,
+                                            T r, T w, T b, T* __restrict gu, int64_t S,
+                                            double* sum_gu_xhat, double* sum_gu) {
     double sgx = 0.0, sg = 0.0;
 #pragma omp simd reduction(+ : sgx, sg)
     for (int64_t s = 0; s < S; ++s) {
         const T xhat = (x[s] - center) * r;
-        const T u = xhat * w + b;
-        const T sig = sigmoid(u);
-        const T g = gy[s] * sig * (T(1) + u * (T(1) - sig));
+        T g = gy[s];
+        if (Silu) {
+            const T u = xhat * w + b;
+            const T sig = sigmoid(u);
+            g = g * sig * (T(1) + u * (T(1) - sig));
+        }
         gu[s] = g;
         sgx += double(g) * double(xhat);
         sg += double(g);
@@ -156,20 +86,21 @@ MINIDIFF_WIDE_CLONES double norm_grad_row(T* __restrict g, const T* __restrict x
 
 }  // namespace
 
-template <typename T>
-void group_norm_silu_forward(const T* x, const T* weight, const T* bias, const T* shift, T* y,
-                             T* mean, T* rstd, int64_t N, int64_t C, int64_t S, int64_t G,
-                             double eps) {
+// z = x + shift (shift (N, C) or null); u = group_norm(z) * weight + bias; y = silu(u) or u.
+template <typename T, bool Silu>
+void norm_forward(const T* x, const T* weight, const T* bias, const T* shift, T* y, T* mean,
+                  T* rstd, int64_t N, int64_t C, int64_t S, int64_t G, double eps) {
     const int64_t cpg = C / G;
     const double m = static_cast<double>(cpg * S);
 #pragma omp parallel for schedule(static)
     for (int64_t ng = 0; ng < N * G; ++ng) {
         const int64_t n = ng / G, c0 = (ng % G) * cpg;
-        const T* xg = x + (n * C + c0) * S;
+        const T* xg = x + (n * C + c0) * S;  // the group's channels are contiguous
         T* yg = y + (n * C + c0) * S;
-        const T* sh = shift ? shift + n * C + c0 : nullptr;  // z = x + shift, per channel
+        const T* sh = shift ? shift + n * C + c0 : nullptr;
         double total = 0.0;
-        for (int64_t cl = 0; cl < cpg; ++cl) total += row_sum(xg + cl * S, S) + (sh ? S * double(sh[cl]) : 0.0);
+        for (int64_t cl = 0; cl < cpg; ++cl)
+            total += row_sum(xg + cl * S, S) + (sh ? S * double(sh[cl]) : 0.0);
         const double mu = total / m;
         double sq = 0.0;  // second pass: no cancellation when |mean| >> std
         for (int64_t cl = 0; cl < cpg; ++cl)
@@ -178,18 +109,17 @@ void group_norm_silu_forward(const T* x, const T* weight, const T* bias, const T
         mean[ng] = T(mu);
         rstd[ng] = T(r);
         for (int64_t cl = 0; cl < cpg; ++cl) {
-            const double center = mu - (sh ? double(sh[cl]) : 0.0);
+            const double center = mu - (sh ? double(sh[cl]) : 0.0);  // xhat = (x - center) * r
             const T w = weight ? weight[c0 + cl] : T(1), b = bias ? bias[c0 + cl] : T(0);
-            silu_norm_row(xg + cl * S, T(center), T(r), w, b, yg + cl * S, S);
+            norm_row<T, Silu>(xg + cl * S, T(center), T(r), w, b, yg + cl * S, S);
         }
     }
 }
 
-template <typename T>
-void group_norm_silu_backward(const T* gy, const T* x, const T* weight, const T* bias,
-                              const T* shift, const T* mean, const T* rstd, T* gx,
-                              double* gw_part, double* gb_part, T* gshift, int64_t N, int64_t C,
-                              int64_t S, int64_t G) {
+template <typename T, bool Silu>
+void norm_backward(const T* gy, const T* x, const T* weight, const T* bias, const T* shift,
+                   const T* mean, const T* rstd, T* gx, double* gw_part, double* gb_part, T* gshift,
+                   int64_t N, int64_t C, int64_t S, int64_t G) {
     const int64_t cpg = C / G;
     const double m = static_cast<double>(cpg * S);
 #pragma omp parallel for schedule(static)
@@ -207,7 +137,8 @@ void group_norm_silu_backward(const T* gy, const T* x, const T* weight, const T*
             const T w = weight ? weight[c] : T(1), b = bias ? bias[c] : T(0);
             const T center = T(mu - (sh ? double(sh[cl]) : 0.0));
             double gw, gb;
-            silu_grad_row(gyg + cl * S, xg + cl * S, center, T(r), w, b, gxg + cl * S, S, &gw, &gb);
+            upstream_grad_row<T, Silu>(gyg + cl * S, xg + cl * S, center, T(r), w, b, gxg + cl * S, S,
+                                       &gw, &gb);
             if (gw_part) {
                 gw_part[n * C + c] = gw;
                 gb_part[n * C + c] = gb;
@@ -226,6 +157,36 @@ void group_norm_silu_backward(const T* gy, const T* x, const T* weight, const T*
             if (gshift) gshift[n * C + c] = T(total);
         }
     }
+}
+
+template <typename T>
+void group_norm_forward(const T* x, const T* weight, const T* bias, T* y, T* mean, T* rstd,
+                        int64_t N, int64_t C, int64_t S, int64_t G, double eps) {
+    norm_forward<T, false>(x, weight, bias, nullptr, y, mean, rstd, N, C, S, G, eps);
+}
+
+template <typename T>
+void group_norm_backward(const T* gy, const T* x, const T* weight, const T* mean, const T* rstd,
+                         T* gx, double* gw_part, double* gb_part, int64_t N, int64_t C, int64_t S,
+                         int64_t G) {
+    norm_backward<T, false>(gy, x, weight, nullptr, nullptr, mean, rstd, gx, gw_part, gb_part,
+                            nullptr, N, C, S, G);
+}
+
+template <typename T>
+void group_norm_silu_forward(const T* x, const T* weight, const T* bias, const T* shift, T* y,
+                             T* mean, T* rstd, int64_t N, int64_t C, int64_t S, int64_t G,
+                             double eps) {
+    norm_forward<T, true>(x, weight, bias, shift, y, mean, rstd, N, C, S, G, eps);
+}
+
+template <typename T>
+void group_norm_silu_backward(const T* gy, const T* x, const T* weight, const T* bias,
+                              const T* shift, const T* mean, const T* rstd, T* gx,
+                              double* gw_part, double* gb_part, T* gshift, int64_t N, int64_t C,
+                              int64_t S, int64_t G) {
+    norm_backward<T, true>(gy, x, weight, bias, shift, mean, rstd, gx, gw_part, gb_part, gshift, N,
+                           C, S, G);
 }
 
 template void group_norm_forward<float>(const float*, const float*, const float*, float*, float*,
