@@ -23,9 +23,10 @@ MINIDIFF_VECTOR_CLONES void q_sample_row(const T* __restrict x0, const T* __rest
 
 // The float64 sum of squares of one chunk. `omp simd reduction` lets the compiler split the sum
 // into vector lanes (an order fixed for a build and a CPU), as Numba's fastmath="reassoc" does;
-// a build without OpenMP sums in plain order.
+// a build without OpenMP sums in plain order. The sum agrees with the reference to float64
+// rounding, not to the bit, so it may also use AVX-512 and fused multiply-adds.
 template <typename T>
-MINIDIFF_VECTOR_CLONES double squared_error_span(const T* __restrict pred,
+MINIDIFF_WIDE_CLONES double squared_error_span(const T* __restrict pred,
                                                  const T* __restrict target, int64_t n) {
     double total = 0.0;
 #pragma omp simd reduction(+ : total)
