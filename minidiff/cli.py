@@ -27,7 +27,8 @@ def _blas_kernels() -> str:
     found = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     if not found:
         return "unknown"
-    blas = found[0]
+    # NumPy's own copy first: SciPy may have loaded another build of the same library
+    blas = sorted(found, key=lambda i: "numpy" not in str(i.get("filepath", "")))[0]
     arch = f", {blas['architecture']} kernels" if blas.get("architecture") else ""
     name = f"{blas.get('internal_api', 'blas')} {blas.get('version', '')}"
     return f"{name}{arch}, {blas.get('num_threads')} threads"
