@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <vector>
@@ -87,13 +88,35 @@ const T* channel_data(const std::optional<carray<T>>& v, int64_t C, const char* 
     return v->data();
 }
 
+// The shape checks shared by the group norm bindings (fn names the op in the messages):
+// x (N, C, S) with groups dividing C; returns {N, C, S}.
+template <typename T>
+std::array<int64_t, 3> group_norm_dims(const std::string& fn, const carray<T>& x, int64_t groups) {
+    require(x.ndim() == 3, fn + ": x must have shape (N, C, S)");
+    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
+    require(groups >= 1 && C % groups == 0 && C * S > 0,
+            fn + ": groups must divide C and groups must not be empty");
+    return {N, C, S};
+}
+
+// ... and for a backward: gy of x's shape, mean and rstd of N * groups elements.
+template <typename T>
+std::array<int64_t, 3> group_norm_backward_dims(const std::string& fn, const carray<T>& gy,
+                                                const carray<T>& x, const carray<T>& mean,
+                                                const carray<T>& rstd, int64_t groups) {
+    const auto dims = group_norm_dims(fn, x, groups);
+    const auto [N, C, S] = dims;
+    require(gy.ndim() == 3 && gy.shape(0) == N && gy.shape(1) == C && gy.shape(2) == S,
+            fn + ": gy must have the shape of x");
+    require(mean.size() == N * groups && rstd.size() == N * groups,
+            fn + ": mean and rstd must have N * groups elements");
+    return dims;
+}
+
 template <typename T>
 py::tuple group_norm_forward(carray<T> x, std::optional<carray<T>> weight,
                              std::optional<carray<T>> bias, int64_t groups, double eps) {
-    require(x.ndim() == 3, "group_norm_forward: x must have shape (N, C, S)");
-    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
-    require(groups >= 1 && C % groups == 0 && C * S > 0,
-            "group_norm_forward: groups must divide C and groups must not be empty");
+    const auto [N, C, S] = group_norm_dims("group_norm_forward", x, groups);
     const T* w = channel_data(weight, C, "group_norm_forward: weight");
     const T* b = channel_data(bias, C, "group_norm_forward: bias");
     auto y = empty<T>({N, C, S});
@@ -131,14 +154,7 @@ std::pair<carray<T>, carray<T>> sum_over_samples(const std::vector<double>& gw_p
 template <typename T>
 py::tuple group_norm_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
                               carray<T> mean, carray<T> rstd, int64_t groups) {
-    require(x.ndim() == 3, "group_norm_backward: x must have shape (N, C, S)");
-    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
-    require(groups >= 1 && C % groups == 0 && C * S > 0,
-            "group_norm_backward: groups must divide C and groups must not be empty");
-    require(gy.ndim() == 3 && gy.shape(0) == N && gy.shape(1) == C && gy.shape(2) == S,
-            "group_norm_backward: gy must have the shape of x");
-    require(mean.size() == N * groups && rstd.size() == N * groups,
-            "group_norm_backward: mean and rstd must have N * groups elements");
+    const auto [N, C, S] = group_norm_backward_dims("group_norm_backward", gy, x, mean, rstd, groups);
     const T* w = channel_data(weight, C, "group_norm_backward: weight");
     auto gx = empty<T>({N, C, S});
     std::vector<double> gw_part(w ? N * C : 0), gb_part(w ? N * C : 0);
@@ -166,10 +182,7 @@ template <typename T>
 py::tuple group_norm_silu_forward(carray<T> x, std::optional<carray<T>> weight,
                                   std::optional<carray<T>> bias, std::optional<carray<T>> shift,
                                   int64_t groups, double eps) {
-    require(x.ndim() == 3, "group_norm_silu_forward: x must have shape (N, C, S)");
-    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
-    require(groups >= 1 && C % groups == 0 && C * S > 0,
-            "group_norm_silu_forward: groups must divide C and groups must not be empty");
+    const auto [N, C, S] = group_norm_dims("group_norm_silu_forward", x, groups);
     require(weight.has_value() == bias.has_value(),
             "group_norm_silu_forward: weight and bias must both be given or both be None");
     const T* w = channel_data(weight, C, "group_norm_silu_forward: weight");
@@ -191,14 +204,7 @@ template <typename T>
 py::tuple group_norm_silu_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
                                    std::optional<carray<T>> bias, std::optional<carray<T>> shift,
                                    carray<T> mean, carray<T> rstd, int64_t groups) {
-    require(x.ndim() == 3, "group_norm_silu_backward: x must have shape (N, C, S)");
-    const int64_t N = x.shape(0), C = x.shape(1), S = x.shape(2);
-    require(groups >= 1 && C % groups == 0 && C * S > 0,
-            "group_norm_silu_backward: groups must divide C and groups must not be empty");
-    require(gy.ndim() == 3 && gy.shape(0) == N && gy.shape(1) == C && gy.shape(2) == S,
-            "group_norm_silu_backward: gy must have the shape of x");
-    require(mean.size() == N * groups && rstd.size() == N * groups,
-            "group_norm_silu_backward: mean and rstd must have N * groups elements");
+    const auto [N, C, S] = group_norm_backward_dims("group_norm_silu_backward", gy, x, mean, rstd, groups);
     require(weight.has_value() == bias.has_value(),
             "group_norm_silu_backward: weight and bias must both be given or both be None");
     const T* w = channel_data(weight, C, "group_norm_silu_backward: weight");

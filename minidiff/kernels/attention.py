@@ -94,12 +94,26 @@ def _is_last(x, axis):
     return axis == -1 or axis == x.ndim - 1
 
 
+def _rows(fn, axis, **arrays):
+    """The arrays, checked (a float dtype, one shape), as C-contiguous 2-D arrays of rows along
+    the last axis; None where the fast kernels do not apply (another axis, 0-d or empty arrays),
+    and the caller runs the reference."""
+    first = next(iter(arrays.values()))
+    if not _is_last(first, axis) or first.ndim == 0 or first.size == 0:
+        return None
+    float_dtype(fn, **arrays)
+    if len(arrays) > 1:
+        same_shape(fn, **arrays)
+    xp = get_array_module(first)
+    return [xp.ascontiguousarray(a).reshape(-1, first.shape[-1]) for a in arrays.values()]
+
+
 @register("softmax_forward", "numba")
 def softmax_forward_numba(x, axis=-1, scale=1.0):
-    if not _is_last(x, axis) or x.ndim == 0 or x.size == 0:
+    rows = _rows("softmax_forward", axis, x=x)
+    if rows is None:
         return softmax_forward_reference(x, axis, scale)  # the kernel handles rows only
-    float_dtype("softmax_forward", x=x)
-    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    (rows,) = rows
     y = np.empty(rows.shape, x.dtype)
     _softmax_forward_cpu(rows, x.dtype.type(scale), y)
     return y.reshape(x.shape)
@@ -107,12 +121,10 @@ def softmax_forward_numba(x, axis=-1, scale=1.0):
 
 @register("softmax_backward", "numba")
 def softmax_backward_numba(gy, y, axis=-1, scale=1.0):
-    if not _is_last(y, axis) or y.ndim == 0 or y.size == 0:
+    rows = _rows("softmax_backward", axis, y=y, gy=gy)
+    if rows is None:
         return softmax_backward_reference(gy, y, axis, scale)
-    float_dtype("softmax_backward", gy=gy, y=y)
-    same_shape("softmax_backward", gy=gy, y=y)
-    y_rows = np.ascontiguousarray(y).reshape(-1, y.shape[-1])
-    gy_rows = np.ascontiguousarray(gy).reshape(-1, y.shape[-1])
+    y_rows, gy_rows = rows
     gx = np.empty(y_rows.shape, y.dtype)
     _softmax_backward_cpu(gy_rows, y_rows, float(scale), gx)
     return gx.reshape(y.shape)
@@ -127,21 +139,18 @@ PARALLEL_MIN = 1 << 15
 
 @register("softmax_forward", "native")
 def softmax_forward_native(x, axis=-1, scale=1.0):
-    if not _is_last(x, axis) or x.ndim == 0 or x.size == 0:
+    rows = _rows("softmax_forward", axis, x=x)
+    if rows is None:
         return softmax_forward_reference(x, axis, scale)
-    float_dtype("softmax_forward", x=x)
-    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    return native.softmax_forward(rows, float(scale), x.size >= PARALLEL_MIN).reshape(x.shape)
+    return native.softmax_forward(rows[0], float(scale), x.size >= PARALLEL_MIN).reshape(x.shape)
 
 
 @register("softmax_backward", "native")
 def softmax_backward_native(gy, y, axis=-1, scale=1.0):
-    if not _is_last(y, axis) or y.ndim == 0 or y.size == 0:
+    rows = _rows("softmax_backward", axis, y=y, gy=gy)
+    if rows is None:
         return softmax_backward_reference(gy, y, axis, scale)
-    float_dtype("softmax_backward", gy=gy, y=y)
-    same_shape("softmax_backward", gy=gy, y=y)
-    y_rows = np.ascontiguousarray(y).reshape(-1, y.shape[-1])
-    gy_rows = np.ascontiguousarray(gy).reshape(-1, y.shape[-1])
+    y_rows, gy_rows = rows
     gx = native.softmax_backward(gy_rows, y_rows, float(scale), y.size >= PARALLEL_MIN)
     return gx.reshape(y.shape)
 
@@ -181,26 +190,22 @@ def _softmax_backward_cuda(gy, y, scale, gx):
 
 @register("softmax_forward", "cuda")
 def softmax_forward_cuda(x, axis=-1, scale=1.0):
-    if not _is_last(x, axis) or x.ndim == 0 or x.size == 0:
+    rows = _rows("softmax_forward", axis, x=x)
+    if rows is None:
         return softmax_forward_reference(x, axis, scale)  # the kernel handles rows only
-    float_dtype("softmax_forward", x=x)
-    xp = get_array_module(x)
-    rows = xp.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    y = xp.empty(rows.shape, x.dtype)
+    (rows,) = rows
+    y = get_array_module(x).empty(rows.shape, x.dtype)
     _cuda.launch_per_block(_softmax_forward_cuda, rows.shape[0], rows.shape[1], rows, np.float64(scale), y)
     return y.reshape(x.shape)
 
 
 @register("softmax_backward", "cuda")
 def softmax_backward_cuda(gy, y, axis=-1, scale=1.0):
-    if not _is_last(y, axis) or y.ndim == 0 or y.size == 0:
+    rows = _rows("softmax_backward", axis, y=y, gy=gy)
+    if rows is None:
         return softmax_backward_reference(gy, y, axis, scale)
-    float_dtype("softmax_backward", gy=gy, y=y)
-    same_shape("softmax_backward", gy=gy, y=y)
-    xp = get_array_module(y)
-    y_rows = xp.ascontiguousarray(y).reshape(-1, y.shape[-1])
-    gy_rows = xp.ascontiguousarray(gy).reshape(-1, y.shape[-1])
-    gx = xp.empty(y_rows.shape, y.dtype)
+    y_rows, gy_rows = rows
+    gx = get_array_module(y).empty(y_rows.shape, y.dtype)
     _cuda.launch_per_block(
         _softmax_backward_cuda, y_rows.shape[0], y_rows.shape[1], gy_rows, y_rows, np.float64(scale), gx
     )
