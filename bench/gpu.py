@@ -1,0 +1,246 @@
+"""The CUDA kernels on a GPU: bandwidth of the memory-bound kernels, and the U-Net step.
+
+Runs every memory-bound kernel's Numba CUDA version on CuPy arrays and reports its achieved
+bandwidth (bytes read + written by one call, over the median time) against the card's measured
+device-to-device copy bandwidth; then the U-Net training step and sampling forward pass on
+``device="cuda"``, against PyTorch eager on the same card when PyTorch has CUDA.
+
+    python bench/gpu.py                       # needs CuPy and a CUDA device
+    python bench/gpu.py --simulate            # tiny shapes in Numba's CUDA simulator: checks
+                                              # that the script runs, its numbers mean nothing
+
+Writes bench/gpu.json beside itself (or --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+F32 = 4
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--simulate", action="store_true", help="NumPy arrays in the CUDA simulator")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--json", default=str(HERE / "gpu.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.simulate:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
+        args.repeats, args.batch = 2, 2
+    import minidiff  # noqa: F401  (after the simulator switch)
+    from minidiff import kernels
+
+    if args.simulate:
+        xp, sync, device = np, (lambda: None), "simulator"
+    else:
+        import cupy as xp
+
+        sync = xp.cuda.Device().synchronize
+        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+        device = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+
+    def median_ms(fn, repeats=args.repeats, warmup=2):
+        for _ in range(warmup):
+            fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times))
+
+    rng = np.random.default_rng(0)
+    big = 512 if args.simulate else 1 << 24  # elements of the elementwise cases (64 MiB on a GPU)
+
+    def randn(*shape):
+        return xp.asarray(rng.standard_normal(shape, dtype=np.float32))
+
+    copy_n = 64 if args.simulate else 1 << 26
+    src, dst = randn(copy_n), xp.empty(copy_n, np.float32)
+    copy_gbs = 2 * F32 * copy_n / median_ms(lambda: xp.copyto(dst, src)) / 1e6
+    print(f"device: {device}; device-to-device copy {copy_gbs:.1f} GB/s")
+
+    T = 1000
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    tables = (np.sqrt(abar), np.sqrt(1 - abar))
+
+    def cases():
+        """(op, label, args, bytes moved by one call) for the memory-bound kernels."""
+        for n in (big,):
+            x0, noise, pred = randn(n // 256, 256), randn(n // 256, 256), randn(n // 256, 256)
+            t = rng.integers(0, T, n // 256)
+            yield "q_sample", f"x({n // 256},256)", (x0, noise, *tables, t), 3 * F32 * n
+            yield "mse_loss_forward", f"x({n // 256},256)", (pred, noise), 2 * F32 * n
+            yield "mse_loss_backward", f"x({n // 256},256)", (pred, noise, 1.0), 3 * F32 * n
+            yield "ddpm_step", f"x({n // 256},256)", (x0, pred, noise, 0.5, 0.5, 0.1), 4 * F32 * n
+            p, g, m, v = randn(n), randn(n), xp.zeros(n, np.float32), xp.zeros(n, np.float32)
+            yield "adam_update", f"p({n})", (p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 1), 7 * F32 * n
+            yield "ema_update", f"p({n})", (m, p, 0.999), 3 * F32 * n
+        b = args.batch
+        norm_cases = (
+            (((b, 64, 32, 32), 8), ((b, 128, 16, 16), 32)) if not args.simulate else (((b, 8, 4, 4), 4),)
+        )
+        for shape, groups in norm_cases:
+            x, gy = randn(*shape), randn(*shape)
+            w, bias, shift = randn(shape[1]), randn(shape[1]), randn(shape[0], shape[1])
+            n = x.size
+            forward = kernels.implementations("group_norm_silu_forward", device="cuda")["reference"]
+            _, mean, rstd = forward(x, w, bias, shift, groups, 1e-5)
+            yield "group_norm_forward", f"x{shape} g{groups}", (x, w, bias, groups, 1e-5), 2 * F32 * n
+            yield (
+                "group_norm_silu_forward",
+                f"x{shape} g{groups} +shift",
+                (
+                    x,
+                    w,
+                    bias,
+                    shift,
+                    groups,
+                    1e-5,
+                ),
+                2 * F32 * n,
+            )
+            yield (
+                "group_norm_silu_backward",
+                f"x{shape} g{groups} +shift",
+                (
+                    gy,
+                    x,
+                    w,
+                    bias,
+                    shift,
+                    mean,
+                    rstd,
+                    groups,
+                ),
+                3 * F32 * n,
+            )
+        rows = randn(b * 4, 256, 256) if not args.simulate else randn(2, 4, 4)
+        yield "softmax_forward", f"x{tuple(rows.shape)} rows", (rows,), 2 * F32 * rows.size
+        yield "softmax_backward", f"x{tuple(rows.shape)} rows", (rows, rows), 3 * F32 * rows.size
+
+    results = []
+    print(f"{'op':<26}{'shape':<30}{'ms':>9}{'GB/s':>9}{'% copy':>8}")
+    for op, label, op_args, nbytes in cases():
+        fn = kernels.implementations(op, device="cuda").get("cuda")
+        if fn is None:
+            print(f"{op:<26}{label:<30}  no CUDA version usable here")
+            continue
+        ms = median_ms(lambda fn=fn, op_args=op_args: fn(*op_args))
+        gbs = nbytes / ms / 1e6
+        results.append({"op": op, "shape": label, "ms": ms, "gb_s": gbs, "of_copy": gbs / copy_gbs})
+        print(f"{op:<26}{label:<30}{ms:>9.3f}{gbs:>9.1f}{100 * gbs / copy_gbs:>7.0f}%")
+
+    unet = unet_step(args, xp, sync, median_ms)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "copy_gb_s": copy_gbs,
+        "kernels": results,
+        "unet": unet,
+    }
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def unet_step(args, xp, sync, median_ms) -> dict:
+    """The bench/unet.py model on the GPU: minidiff, then PyTorch eager when it has CUDA."""
+    import minidiff
+    from minidiff import functional as F
+    from minidiff.optim import Adam
+
+    size = 8 if args.simulate else 32
+    cfg = dict(
+        in_channels=1,
+        base_channels=8 if args.simulate else 32,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        image_size=size,
+        norm_groups=4 if args.simulate else 8,
+    )
+    if not args.simulate:
+        cfg.update(channel_mults=(1, 2, 2), attn_resolutions=(8,))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 1, size, size)).astype(np.float32)
+    target = rng.standard_normal(x.shape).astype(np.float32)
+    t = rng.integers(0, 1000, args.batch)
+    device = "cpu" if args.simulate else "cuda"  # the simulator has no CuPy: the U-Net runs on NumPy
+    model = minidiff.nn.UNet(**cfg).to(device)
+    opt = Adam(model.parameters(), lr=1e-4)
+    xt, tt = minidiff.tensor(x, device=device), minidiff.tensor(target, device=device)
+
+    def train_step():
+        loss = F.mse_loss(model(xt, t), tt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def sample_forward():
+        with minidiff.no_grad():
+            model(xt, t)
+
+    result = {
+        "config": {**cfg, "batch": args.batch},
+        "minidiff": {
+            "train_ms": median_ms(train_step, max(3, args.repeats // 4)),
+            "sample_ms": median_ms(sample_forward, max(3, args.repeats // 4)),
+        },
+    }
+    md = result["minidiff"]
+    print(f"U-Net {cfg} batch {args.batch} on {device}: minidiff train {md['train_ms']:.1f} ms, ", end="")
+    print(f"sample {md['sample_ms']:.1f} ms")
+    try:
+        import torch
+    except ImportError:
+        return result
+    if args.simulate or not torch.cuda.is_available():
+        return result
+    sys.path.insert(0, str(HERE))
+    from unet import torch_unet_class
+
+    tmodel = torch_unet_class()(**cfg).cuda()
+    topt = torch.optim.Adam(tmodel.parameters(), lr=1e-4)
+    tx, ttarget, t_t = (torch.from_numpy(a).cuda() for a in (x, target, t))
+
+    def torch_train():
+        loss = ((tmodel(tx, t_t) - ttarget) ** 2).mean()
+        topt.zero_grad()
+        loss.backward()
+        topt.step()
+        torch.cuda.synchronize()
+
+    def torch_sample():
+        with torch.no_grad():
+            tmodel(tx, t_t)
+        torch.cuda.synchronize()
+
+    result["torch"] = {"train_ms": median_ms(torch_train, 10), "sample_ms": median_ms(torch_sample, 10)}
+    for key in ("train_ms", "sample_ms"):
+        mine, theirs = result["minidiff"][key], result["torch"][key]
+        print(f"  {key}: minidiff {mine:.1f}, PyTorch {theirs:.1f}, ratio {mine / theirs:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
