@@ -269,7 +269,11 @@ def _check_shift(fn, shift, N, C):
 
 
 def _sigmoid(u):
-    return 1 / (1 + get_array_module(u).exp(-u))
+    """1 / (1 + e^-u) through e^-|u| <= 1: no overflow (nor its warning) for very negative u,
+    and full relative precision where the sigmoid is tiny."""
+    xp = get_array_module(u)
+    e = xp.exp(-xp.abs(u))
+    return xp.where(u >= 0, 1 / (1 + e), e / (1 + e))
 
 
 @register("group_norm_silu_forward", "reference")

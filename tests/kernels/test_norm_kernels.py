@@ -188,3 +188,23 @@ def test_backward_rejects_bad_input(backward):
         backward(x[:, :, :2], x, None, stats, stats, 3)
     with pytest.raises(TypeError, match="same dtype"):
         backward(x.astype(np.float32), x, None, stats, stats, 3)
+
+
+@pytest.mark.parametrize("forward", impls("group_norm_silu_forward"))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_silu_saturates_at_large_activations(forward, dtype):
+    """u = xhat * w + b from -400 to 400: SiLU is 0 far below zero and u far above, and every
+    value in between (through the exponential's whole range, and beyond it) matches the float64
+    formula. The native float32 exp is an approximation with a clamped range: this covers it."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 4, 64)).astype(dtype)
+    weight = np.array([1.0, 60.0, 150.0, 1.0], dtype)
+    bias = np.array([-120.0, 0.0, 0.0, 90.0], dtype)
+    y, mean, rstd = forward(x, weight, bias, None, 4, 1e-5)
+    xhat = (x.astype(np.float64) - mean.astype(np.float64)[:, :, None]) * rstd.astype(np.float64)[:, :, None]
+    u = xhat * weight[:, None] + bias[:, None]
+    with np.errstate(over="ignore"):
+        expected = u / (1.0 + np.exp(-u))
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, expected, **TOL[np.dtype(dtype).type])
+    assert np.all(y[:, 0] <= 0) and np.all(np.abs(y[:, 0]) < 1e-30)  # u near -120: silu is ~0
