@@ -165,80 +165,46 @@ def main(argv=None) -> int:
 
 def unet_step(args, xp, sync, median_ms) -> dict:
     """The bench/unet.py model on the GPU: minidiff, then PyTorch eager when it has CUDA."""
-    import minidiff
-    from minidiff import functional as F
-    from minidiff.optim import Adam
+    sys.path.insert(0, str(HERE))
+    from unet import make_steps
 
-    size = 8 if args.simulate else 32
     cfg = dict(
         in_channels=1,
-        base_channels=8 if args.simulate else 32,
-        channel_mults=(1, 2),
+        base_channels=32,
+        channel_mults=(1, 2, 2),
         num_res_blocks=1,
-        attn_resolutions=(),
-        image_size=size,
-        norm_groups=4 if args.simulate else 8,
+        attn_resolutions=(8,),
+        image_size=32,
+        norm_groups=8,
     )
-    if not args.simulate:
-        cfg.update(channel_mults=(1, 2, 2), attn_resolutions=(8,))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 1, size, size)).astype(np.float32)
-    target = rng.standard_normal(x.shape).astype(np.float32)
-    t = rng.integers(0, 1000, args.batch)
-    device = "cpu" if args.simulate else "cuda"  # the simulator has no CuPy: the U-Net runs on NumPy
-    model = minidiff.nn.UNet(**cfg).to(device)
-    opt = Adam(model.parameters(), lr=1e-4)
-    xt, tt = minidiff.tensor(x, device=device), minidiff.tensor(target, device=device)
-
-    def train_step():
-        loss = F.mse_loss(model(xt, t), tt)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def sample_forward():
-        with minidiff.no_grad():
-            model(xt, t)
-
-    result = {
-        "config": {**cfg, "batch": args.batch},
-        "minidiff": {
-            "train_ms": median_ms(train_step, max(3, args.repeats // 4)),
-            "sample_ms": median_ms(sample_forward, max(3, args.repeats // 4)),
-        },
-    }
-    md = result["minidiff"]
-    print(f"U-Net {cfg} batch {args.batch} on {device}: minidiff train {md['train_ms']:.1f} ms, ", end="")
-    print(f"sample {md['sample_ms']:.1f} ms")
+    if args.simulate:  # a toy model; the simulator has no CuPy, so it runs on NumPy arrays
+        cfg.update(base_channels=8, channel_mults=(1, 2), attn_resolutions=(), image_size=8, norm_groups=4)
+    device = "cpu" if args.simulate else "cuda"
+    repeats = max(3, args.repeats // 4)
+    result = {"config": {**cfg, "batch": args.batch, "device": device}}
+    frameworks = ["minidiff"]
     try:
         import torch
+
+        if not args.simulate and torch.cuda.is_available():
+            frameworks.append("torch")
     except ImportError:
-        return result
-    if args.simulate or not torch.cuda.is_available():
-        return result
-    sys.path.insert(0, str(HERE))
-    from unet import torch_unet_class
-
-    tmodel = torch_unet_class()(**cfg).cuda()
-    topt = torch.optim.Adam(tmodel.parameters(), lr=1e-4)
-    tx, ttarget, t_t = (torch.from_numpy(a).cuda() for a in (x, target, t))
-
-    def torch_train():
-        loss = ((tmodel(tx, t_t) - ttarget) ** 2).mean()
-        topt.zero_grad()
-        loss.backward()
-        topt.step()
-        torch.cuda.synchronize()
-
-    def torch_sample():
-        with torch.no_grad():
-            tmodel(tx, t_t)
-        torch.cuda.synchronize()
-
-    result["torch"] = {"train_ms": median_ms(torch_train, 10), "sample_ms": median_ms(torch_sample, 10)}
+        pass
+    for framework in frameworks:
+        train_step, sample_forward, params = make_steps(framework, cfg, args.batch, device=device)
+        result[framework] = {
+            "params": params,
+            "train_ms": median_ms(train_step, repeats),
+            "sample_ms": median_ms(sample_forward, repeats),
+        }
+    print(f"U-Net {cfg} batch {args.batch} on {device}")
     for key in ("train_ms", "sample_ms"):
-        mine, theirs = result["minidiff"][key], result["torch"][key]
-        print(f"  {key}: minidiff {mine:.1f}, PyTorch {theirs:.1f}, ratio {mine / theirs:.2f}")
+        mine = result["minidiff"][key]
+        line = f"  {key}: minidiff {mine:.1f}"
+        if "torch" in result:
+            theirs = result["torch"][key]
+            line += f", PyTorch {theirs:.1f}, ratio {mine / theirs:.2f}"
+        print(line)
     return result
 
 

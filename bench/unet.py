@@ -51,8 +51,9 @@ def median_ms(fn, repeats, warmup=2):
     return 1e3 * float(np.median(times))
 
 
-def make_steps(framework, cfg, batch, seed=0):
-    """(train_step, sample_forward, parameter count) for one framework."""
+def make_steps(framework, cfg, batch, seed=0, device="cpu"):
+    """(train_step, sample_forward, parameter count) for one framework, on ``device`` ("cpu" or
+    "cuda"; on "cuda" each step waits for the device to finish)."""
     rng = np.random.default_rng(seed)
     size, channels = cfg["image_size"], cfg["in_channels"]
     x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
@@ -63,37 +64,43 @@ def make_steps(framework, cfg, batch, seed=0):
         from minidiff import functional as F
         from minidiff.optim import Adam
 
-        model = minidiff.nn.UNet(**cfg)
+        model = minidiff.nn.UNet(**cfg).to(device)
         opt = Adam(model.parameters(), lr=1e-4)
-        xt, tt = minidiff.Tensor._wrap(x), minidiff.Tensor._wrap(target)
+        xt, tt = minidiff.tensor(x, device=device), minidiff.tensor(target, device=device)
+        sync = minidiff.Device(device).xp.cuda.Device().synchronize if device != "cpu" else lambda: None
 
         def train_step():
             loss = F.mse_loss(model(xt, t), tt)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sync()
 
         def sample_forward():
             with minidiff.no_grad():
                 model(xt, t)
+            sync()
 
         return train_step, sample_forward, model.num_parameters()
 
     import torch
 
-    model = torch_unet_class()(**cfg)
+    model = torch_unet_class()(**cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    xt, tt, t_t = torch.from_numpy(x), torch.from_numpy(target), torch.from_numpy(t)
+    xt, tt, t_t = (torch.from_numpy(a).to(device) for a in (x, target, t))
+    sync = torch.cuda.synchronize if device != "cpu" else lambda: None
 
     def train_step():
         loss = ((model(xt, t_t) - tt) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sync()
 
     def sample_forward():
         with torch.no_grad():
             model(xt, t_t)
+        sync()
 
     return train_step, sample_forward, sum(p.numel() for p in model.parameters())
 
