@@ -160,6 +160,25 @@ def test_fast_backward_matches_reference(backward, case):
     check_close(backward(gy, x, weight, mean, rstd, groups), expected, x.dtype)
 
 
+@pytest.mark.parametrize("forward", impls("group_norm_silu_forward", names=("numba", "native")))
+@settings(deadline=None)
+@given(case=gn_cases(), shifted=st.booleans())
+def test_fast_group_norm_silu_matches_reference(forward, case, shifted):
+    """Forward (y, mean, rstd) and backward (gx, gweight, gbias, gshift) of the fused op, with and
+    without the per-(sample, channel) shift, on the same inputs as the plain group norm."""
+    name = next(n for n, f in kernels.implementations("group_norm_silu_forward").items() if f is forward)
+    backward = kernels.implementations("group_norm_silu_backward")[name]
+    x, weight, bias, groups, eps, gy = case
+    shift = np.random.default_rng(1).standard_normal(x.shape[:2]).astype(x.dtype) if shifted else None
+    ref_forward = kernels.implementations("group_norm_silu_forward")["reference"]
+    ref_backward = kernels.implementations("group_norm_silu_backward")["reference"]
+    expected = ref_forward(x, weight, bias, shift, groups, eps)
+    check_close(forward(x, weight, bias, shift, groups, eps), expected, x.dtype)
+    _, mean, rstd = expected
+    got = backward(gy, x, weight, bias, shift, mean, rstd, groups)
+    check_close(got, ref_backward(gy, x, weight, bias, shift, mean, rstd, groups), x.dtype)
+
+
 @pytest.mark.parametrize("forward", impls("group_norm_forward"))
 def test_forward_rejects_bad_input(forward):
     x = np.zeros((2, 6, 3), np.float32)
