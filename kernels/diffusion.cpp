@@ -24,7 +24,7 @@ MINIDIFF_VECTOR_CLONES void q_sample_row(const T* __restrict x0, const T* __rest
 // The float64 sum of squares of one chunk. `omp simd reduction` lets the compiler split the sum
 // into vector lanes (an order fixed for a build and a CPU), as Numba's fastmath="reassoc" does;
 // a build without OpenMP sums in plain order. The sum agrees with the reference to float64
-// rounding, not to the bit, so it may also use AVX-512 and fused multiply-adds.
+// rounding, not to the bit (its order differs), so it may use AVX-512 lanes as well.
 template <typename T>
 MINIDIFF_WIDE_CLONES double squared_error_span(const T* __restrict pred,
                                                  const T* __restrict target, int64_t n) {

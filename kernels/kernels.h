@@ -11,8 +11,8 @@
 // clone of it, picked at load time on CPUs that have it (AVX2 only: no FMA, so no fused
 // multiply-add changes the rounding: the kernels that match their reference to the bit use it).
 // MINIDIFF_WIDE_CLONES adds an AVX-512 clone as well, for the kernels that agree with their
-// reference to a rounding anyway (group norm + SiLU, softmax): twice the lanes for their exp,
-// and fused multiply-adds.
+// reference to a rounding anyway (group norm + SiLU, softmax, the loss sum): twice the lanes,
+// and fused multiply-adds where GCC forms them.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MINIDIFF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #define MINIDIFF_WIDE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))

@@ -70,19 +70,27 @@ MINIDIFF_WIDE_CLONES void upstream_grad_row(const T* __restrict gy, const T* __r
     *sum_gu = sg;
 }
 
-// gx = gu * p + xhat * q + c in place of gu (the group norm backward); returns the row's sum.
+// gx = r ((gu w - mean_d) - xhat mean_dxhat) in place of gu (the group norm backward), in the
+// reference's order: the difference is taken before the scaling by r, so its rounding is not
+// amplified by r (which is large for a group of nearly equal values). Without contraction into
+// fused multiply-adds: gu w - mean_d must be the difference of two rounded values (0 for a group
+// of one value, as in the reference), not the product's own rounding error. Returns the row's sum.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 template <typename T>
-MINIDIFF_WIDE_CLONES double norm_grad_row(T* __restrict g, const T* __restrict x, T center, T r,
-                                            T p, T q, T c, int64_t S) {
+MINIDIFF_WIDE_CLONES double norm_grad_row(T* __restrict g, const T* __restrict x, T center, T r, T w,
+                                          T mean_d, T mean_dxhat, int64_t S) {
     double total = 0.0;
 #pragma omp simd reduction(+ : total)
     for (int64_t s = 0; s < S; ++s) {
-        const T v = g[s] * p + (x[s] - center) * r * q + c;
+        const T xhat = (x[s] - center) * r;
+        const T v = r * ((g[s] * w - mean_d) - xhat * mean_dxhat);
         g[s] = v;
         total += double(v);
     }
     return total;
 }
+#pragma GCC pop_options
 
 }  // namespace
 
@@ -150,10 +158,10 @@ void norm_backward(const T* gy, const T* x, const T* weight, const T* bias, cons
         const double mean_d = sum_d / m, mean_dxhat = sum_dxhat / m;
         for (int64_t cl = 0; cl < cpg; ++cl) {
             const int64_t c = c0 + cl;
-            const double w = weight ? double(weight[c]) : 1.0;
+            const T w = weight ? weight[c] : T(1);
             const T center = T(mu - (sh ? double(sh[cl]) : 0.0));
-            const double total = norm_grad_row(gxg + cl * S, xg + cl * S, center, T(r), T(r * w),
-                                               T(-r * mean_dxhat), T(-r * mean_d), S);
+            const double total = norm_grad_row(gxg + cl * S, xg + cl * S, center, T(r), w, T(mean_d),
+                                               T(mean_dxhat), S);
             if (gshift) gshift[n * C + c] = T(total);
         }
     }
