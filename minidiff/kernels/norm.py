@@ -225,12 +225,17 @@ def group_norm_backward_numba(gy, x, weight, mean, rstd, groups):
 # -- native (kernels/norm.cpp) ---------------------------------------------------------------
 
 
+def _contiguous_or_none(a):
+    """An optional argument of the native kernels: C-contiguous, or None (they take None as
+    "no weight" or "no shift" and skip the work that goes with it)."""
+    return None if a is None else np.ascontiguousarray(a)
+
+
 @register("group_norm_forward", "native")
 def group_norm_forward_native(x, weight, bias, groups, eps):
     N, C, S, M = _check_forward("group_norm_forward", x, weight, bias, groups)
     x3 = np.ascontiguousarray(x).reshape(N, C, S)
-    w = None if weight is None else np.ascontiguousarray(weight)
-    b = None if bias is None else np.ascontiguousarray(bias)
+    w, b = _contiguous_or_none(weight), _contiguous_or_none(bias)
     y, mean, rstd = native.group_norm_forward(x3, w, b, groups, float(eps))
     return y.reshape(x.shape), mean, rstd
 
@@ -240,9 +245,8 @@ def group_norm_backward_native(gy, x, weight, mean, rstd, groups):
     N, C, S, M = _check_backward("group_norm_backward", gy, x, weight, mean, rstd, groups)
     x3 = np.ascontiguousarray(x).reshape(N, C, S)
     gy3 = np.ascontiguousarray(gy).reshape(N, C, S)
-    w = None if weight is None else np.ascontiguousarray(weight)
     gx, gweight, gbias = native.group_norm_backward(
-        gy3, x3, w, np.ascontiguousarray(mean), np.ascontiguousarray(rstd), groups
+        gy3, x3, _contiguous_or_none(weight), np.ascontiguousarray(mean), np.ascontiguousarray(rstd), groups
     )
     return gx.reshape(x.shape), gweight, gbias
 
@@ -427,17 +431,13 @@ def group_norm_silu_backward_numba(gy, x, weight, bias, shift, mean, rstd, group
 # written to vectorize; the statistics and the sums of the backward are float64 as above.
 
 
-def _native_shift(shift):
-    return None if shift is None else np.ascontiguousarray(shift)
-
-
 @register("group_norm_silu_forward", "native")
 def group_norm_silu_forward_native(x, weight, bias, shift, groups, eps):
     N, C, S, M = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
     _check_shift("group_norm_silu_forward", shift, N, C)
-    w, b = _affine_or_identity(weight, bias, C, x.dtype)
     x3 = np.ascontiguousarray(x).reshape(N, C, S)
-    y, mean, rstd = native.group_norm_silu_forward(x3, w, b, _native_shift(shift), groups, float(eps))
+    w, b, sh = _contiguous_or_none(weight), _contiguous_or_none(bias), _contiguous_or_none(shift)
+    y, mean, rstd = native.group_norm_silu_forward(x3, w, b, sh, groups, float(eps))
     return y.reshape(x.shape), mean, rstd
 
 
@@ -445,19 +445,16 @@ def group_norm_silu_forward_native(x, weight, bias, shift, groups, eps):
 def group_norm_silu_backward_native(gy, x, weight, bias, shift, mean, rstd, groups):
     N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
     _check_shift("group_norm_silu_backward", shift, N, C)
-    w, b = _affine_or_identity(weight, bias, C, x.dtype)
     gx, gweight, gbias, gshift = native.group_norm_silu_backward(
         np.ascontiguousarray(gy).reshape(N, C, S),
         np.ascontiguousarray(x).reshape(N, C, S),
-        w,
-        b,
-        _native_shift(shift),
+        _contiguous_or_none(weight),
+        _contiguous_or_none(bias),
+        _contiguous_or_none(shift),
         np.ascontiguousarray(mean),
         np.ascontiguousarray(rstd),
         groups,
     )
-    if weight is None:
-        gweight = gbias = None
     return gx.reshape(x.shape), gweight, gbias, gshift
 
 
