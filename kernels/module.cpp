@@ -82,9 +82,9 @@ carray<T> col2im(carray<T> cols, int64_t C, int64_t H, int64_t W, int64_t kh, in
 
 // Checks that a (C,) vector has C elements and returns its data (null for None).
 template <typename T>
-const T* channel_data(const std::optional<carray<T>>& v, int64_t C, const char* what) {
+const T* channel_data(const std::optional<carray<T>>& v, int64_t C, const std::string& what) {
     if (!v) return nullptr;
-    require(v->ndim() == 1 && v->shape(0) == C, std::string(what) + " must have shape (C,)");
+    require(v->ndim() == 1 && v->shape(0) == C, what + " must have shape (C,)");
     return v->data();
 }
 
@@ -113,24 +113,6 @@ std::array<int64_t, 3> group_norm_backward_dims(const std::string& fn, const car
     return dims;
 }
 
-template <typename T>
-py::tuple group_norm_forward(carray<T> x, std::optional<carray<T>> weight,
-                             std::optional<carray<T>> bias, int64_t groups, double eps) {
-    const auto [N, C, S] = group_norm_dims("group_norm_forward", x, groups);
-    const T* w = channel_data(weight, C, "group_norm_forward: weight");
-    const T* b = channel_data(bias, C, "group_norm_forward: bias");
-    auto y = empty<T>({N, C, S});
-    auto mean = empty<T>({N, groups});
-    auto rstd = empty<T>({N, groups});
-    const T* in = x.data();
-    T *yp = y.mutable_data(), *mp = mean.mutable_data(), *rp = rstd.mutable_data();
-    {
-        py::gil_scoped_release release;
-        minidiff::group_norm_forward(in, w, b, yp, mp, rp, N, C, S, groups, eps);
-    }
-    return py::make_tuple(y, mean, rstd);
-}
-
 // (gweight, gbias) (C,): the per-sample partial sums (N, C) reduced over N, serially (C * N is
 // small), in double, then rounded to T.
 template <typename T>
@@ -151,43 +133,26 @@ std::pair<carray<T>, carray<T>> sum_over_samples(const std::vector<double>& gw_p
     return {gweight, gbias};
 }
 
-template <typename T>
-py::tuple group_norm_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
-                              carray<T> mean, carray<T> rstd, int64_t groups) {
-    const auto [N, C, S] = group_norm_backward_dims("group_norm_backward", gy, x, mean, rstd, groups);
-    const T* w = channel_data(weight, C, "group_norm_backward: weight");
-    auto gx = empty<T>({N, C, S});
-    std::vector<double> gw_part(w ? N * C : 0), gb_part(w ? N * C : 0);
-    const T *gyp = gy.data(), *xp = x.data(), *mp = mean.data(), *rp = rstd.data();
-    T* gxp = gx.mutable_data();
-    {
-        py::gil_scoped_release release;
-        minidiff::group_norm_backward(gyp, xp, w, mp, rp, gxp, w ? gw_part.data() : nullptr,
-                                      w ? gb_part.data() : nullptr, N, C, S, groups);
-    }
-    if (!w) return py::make_tuple(gx, py::none(), py::none());
-    auto [gweight, gbias] = sum_over_samples<T>(gw_part, gb_part, N, C);
-    return py::make_tuple(gx, gweight, gbias);
-}
-
 // Checks that an optional (N, C) array has that shape and returns its data (null for None).
 template <typename T>
-const T* sample_channel_data(const std::optional<carray<T>>& v, int64_t N, int64_t C, const char* what) {
+const T* sample_channel_data(const std::optional<carray<T>>& v, int64_t N, int64_t C, const std::string& what) {
     if (!v) return nullptr;
-    require(v->ndim() == 2 && v->shape(0) == N && v->shape(1) == C, std::string(what) + " must have shape (N, C)");
+    require(v->ndim() == 2 && v->shape(0) == N && v->shape(1) == C, what + " must have shape (N, C)");
     return v->data();
 }
 
+// The plain and the fused (+ SiLU, + shift) group norm share their bindings: the checks, the
+// allocations and the reduction of the weight gradients; `fused` picks the kernel, and the plain
+// ops pass no shift. Weight and bias are both given or both None.
 template <typename T>
-py::tuple group_norm_silu_forward(carray<T> x, std::optional<carray<T>> weight,
-                                  std::optional<carray<T>> bias, std::optional<carray<T>> shift,
-                                  int64_t groups, double eps) {
-    const auto [N, C, S] = group_norm_dims("group_norm_silu_forward", x, groups);
-    require(weight.has_value() == bias.has_value(),
-            "group_norm_silu_forward: weight and bias must both be given or both be None");
-    const T* w = channel_data(weight, C, "group_norm_silu_forward: weight");
-    const T* b = channel_data(bias, C, "group_norm_silu_forward: bias");
-    const T* sh = sample_channel_data(shift, N, C, "group_norm_silu_forward: shift");
+py::tuple norm_forward(const std::string& fn, bool fused, carray<T> x, std::optional<carray<T>> weight,
+                       std::optional<carray<T>> bias, std::optional<carray<T>> shift, int64_t groups,
+                       double eps) {
+    const auto [N, C, S] = group_norm_dims(fn, x, groups);
+    require(weight.has_value() == bias.has_value(), fn + ": weight and bias must both be given or both be None");
+    const T* w = channel_data(weight, C, fn + ": weight");
+    const T* b = channel_data(bias, C, fn + ": bias");
+    const T* sh = sample_channel_data(shift, N, C, fn + ": shift");
     auto y = empty<T>({N, C, S});
     auto mean = empty<T>({N, groups});
     auto rstd = empty<T>({N, groups});
@@ -195,21 +160,23 @@ py::tuple group_norm_silu_forward(carray<T> x, std::optional<carray<T>> weight,
     T *yp = y.mutable_data(), *mp = mean.mutable_data(), *rp = rstd.mutable_data();
     {
         py::gil_scoped_release release;
-        minidiff::group_norm_silu_forward(in, w, b, sh, yp, mp, rp, N, C, S, groups, eps);
+        if (fused)
+            minidiff::group_norm_silu_forward(in, w, b, sh, yp, mp, rp, N, C, S, groups, eps);
+        else
+            minidiff::group_norm_forward(in, w, b, yp, mp, rp, N, C, S, groups, eps);
     }
     return py::make_tuple(y, mean, rstd);
 }
 
+// (gx, gweight, gbias, gshift); None for the gradients of arguments that were None.
 template <typename T>
-py::tuple group_norm_silu_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
-                                   std::optional<carray<T>> bias, std::optional<carray<T>> shift,
-                                   carray<T> mean, carray<T> rstd, int64_t groups) {
-    const auto [N, C, S] = group_norm_backward_dims("group_norm_silu_backward", gy, x, mean, rstd, groups);
-    require(weight.has_value() == bias.has_value(),
-            "group_norm_silu_backward: weight and bias must both be given or both be None");
-    const T* w = channel_data(weight, C, "group_norm_silu_backward: weight");
-    const T* b = channel_data(bias, C, "group_norm_silu_backward: bias");
-    const T* sh = sample_channel_data(shift, N, C, "group_norm_silu_backward: shift");
+py::tuple norm_backward(const std::string& fn, bool fused, carray<T> gy, carray<T> x,
+                        std::optional<carray<T>> weight, std::optional<carray<T>> bias,
+                        std::optional<carray<T>> shift, carray<T> mean, carray<T> rstd, int64_t groups) {
+    const auto [N, C, S] = group_norm_backward_dims(fn, gy, x, mean, rstd, groups);
+    const T* w = channel_data(weight, C, fn + ": weight");
+    const T* b = channel_data(bias, C, fn + ": bias");
+    const T* sh = sample_channel_data(shift, N, C, fn + ": shift");
     auto gx = empty<T>({N, C, S});
     std::vector<double> gw_part(w ? N * C : 0), gb_part(w ? N * C : 0);
     py::object gshift = py::none();
@@ -221,15 +188,48 @@ py::tuple group_norm_silu_backward(carray<T> gy, carray<T> x, std::optional<carr
     }
     const T *gyp = gy.data(), *xp = x.data(), *mp = mean.data(), *rp = rstd.data();
     T* gxp = gx.mutable_data();
+    double *gwp = w ? gw_part.data() : nullptr, *gbp = w ? gb_part.data() : nullptr;
     {
         py::gil_scoped_release release;
-        minidiff::group_norm_silu_backward(gyp, xp, w, b, sh, mp, rp, gxp,
-                                           w ? gw_part.data() : nullptr, w ? gb_part.data() : nullptr,
-                                           gsp, N, C, S, groups);
+        if (fused)
+            minidiff::group_norm_silu_backward(gyp, xp, w, b, sh, mp, rp, gxp, gwp, gbp, gsp, N, C, S, groups);
+        else
+            minidiff::group_norm_backward(gyp, xp, w, mp, rp, gxp, gwp, gbp, N, C, S, groups);
     }
     if (!w) return py::make_tuple(gx, py::none(), py::none(), gshift);
     auto [gweight, gbias] = sum_over_samples<T>(gw_part, gb_part, N, C);
     return py::make_tuple(gx, gweight, gbias, gshift);
+}
+
+template <typename T>
+py::tuple group_norm_forward(carray<T> x, std::optional<carray<T>> weight,
+                             std::optional<carray<T>> bias, int64_t groups, double eps) {
+    return norm_forward<T>("group_norm_forward", false, x, weight, bias, std::nullopt, groups, eps);
+}
+
+template <typename T>
+py::tuple group_norm_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
+                              carray<T> mean, carray<T> rstd, int64_t groups) {
+    // the plain backward needs no bias: weight alone scales the gradient
+    auto grads = norm_backward<T>("group_norm_backward", false, gy, x, weight, std::nullopt, std::nullopt,
+                                  mean, rstd, groups);
+    return py::make_tuple(grads[0], grads[1], grads[2]);
+}
+
+template <typename T>
+py::tuple group_norm_silu_forward(carray<T> x, std::optional<carray<T>> weight,
+                                  std::optional<carray<T>> bias, std::optional<carray<T>> shift,
+                                  int64_t groups, double eps) {
+    return norm_forward<T>("group_norm_silu_forward", true, x, weight, bias, shift, groups, eps);
+}
+
+template <typename T>
+py::tuple group_norm_silu_backward(carray<T> gy, carray<T> x, std::optional<carray<T>> weight,
+                                   std::optional<carray<T>> bias, std::optional<carray<T>> shift,
+                                   carray<T> mean, carray<T> rstd, int64_t groups) {
+    require(weight.has_value() == bias.has_value(),
+            "group_norm_silu_backward: weight and bias must both be given or both be None");
+    return norm_backward<T>("group_norm_silu_backward", true, gy, x, weight, bias, shift, mean, rstd, groups);
 }
 
 // -- attention.cpp ---------------------------------------------------------------------------
