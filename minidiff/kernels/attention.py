@@ -21,7 +21,7 @@ import numpy as np
 
 from minidiff.backend import get_array_module
 
-from . import _cuda
+from . import _cuda, diffusion
 from ._checks import float_dtype, same_shape
 from ._cuda import BUFFER, block_max, block_sum
 from .registry import cuda, native, njit, prange, register
@@ -132,9 +132,12 @@ def softmax_backward_numba(gy, y, axis=-1, scale=1.0):
 
 # -- native (kernels/attention.cpp) -----------------------------------------------------------
 
-# The rows run on one thread below this many elements: a softmax costs about ten copies of its
-# input (the exp), so threads pay off sooner than for the memory-bound passes of diffusion.py.
-PARALLEL_MIN = 1 << 15
+# The rows run on one thread below this many elements: waking the second OpenMP thread costs
+# tens of microseconds on a 2-core machine (OMP_WAIT_POLICY=PASSIVE, see registry.py). The
+# forward pays off sooner than the backward, a pass over memory like diffusion.py's: measured,
+# 64-wide rows of 131,072 values took 147 us on one thread and 130 on two forward, while the
+# backward of 524,288 values took 105 and 114.
+PARALLEL_MIN_FORWARD = 1 << 17
 
 
 @register("softmax_forward", "native")
@@ -142,7 +145,7 @@ def softmax_forward_native(x, axis=-1, scale=1.0):
     rows = _rows("softmax_forward", axis, x=x)
     if rows is None:
         return softmax_forward_reference(x, axis, scale)
-    return native.softmax_forward(rows[0], float(scale), x.size >= PARALLEL_MIN).reshape(x.shape)
+    return native.softmax_forward(rows[0], float(scale), x.size >= PARALLEL_MIN_FORWARD).reshape(x.shape)
 
 
 @register("softmax_backward", "native")
@@ -151,7 +154,7 @@ def softmax_backward_native(gy, y, axis=-1, scale=1.0):
     if rows is None:
         return softmax_backward_reference(gy, y, axis, scale)
     y_rows, gy_rows = rows
-    gx = native.softmax_backward(gy_rows, y_rows, float(scale), y.size >= PARALLEL_MIN)
+    gx = native.softmax_backward(gy_rows, y_rows, float(scale), y.size >= diffusion.PARALLEL_MIN)
     return gx.reshape(y.shape)
 
 

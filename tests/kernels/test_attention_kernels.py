@@ -144,3 +144,25 @@ def test_backward_rejects_bad_input(backward):
         backward(np.zeros((2, 3)), np.zeros((2, 4)))
     with pytest.raises(TypeError, match="same dtype"):
         backward(np.zeros((2, 3), np.float32), np.zeros((2, 3)))
+
+
+@pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])
+def test_native_rows_split_over_threads_give_the_same_values(monkeypatch):
+    """The native kernels split the rows over OpenMP threads above a size: each row is still
+    computed alone, so the values do not change."""
+    from minidiff.kernels import attention, diffusion
+
+    forward = kernels.implementations("softmax_forward")["native"]
+    backward = kernels.implementations("softmax_backward")["native"]
+    rng = np.random.default_rng(3)
+    x, gy = (
+        rng.standard_normal((2, 37, 19)).astype(np.float32),
+        rng.standard_normal((2, 37, 19)).astype(np.float32),
+    )
+    monkeypatch.setattr(attention, "PARALLEL_MIN_FORWARD", 1 << 62)
+    monkeypatch.setattr(diffusion, "PARALLEL_MIN", 1 << 62)
+    y, gx = forward(x, scale=0.5), backward(gy, forward(x, scale=0.5), scale=0.5)
+    monkeypatch.setattr(attention, "PARALLEL_MIN_FORWARD", 0)
+    monkeypatch.setattr(diffusion, "PARALLEL_MIN", 0)
+    np.testing.assert_array_equal(forward(x, scale=0.5), y)
+    np.testing.assert_array_equal(backward(gy, y, scale=0.5), gx)
