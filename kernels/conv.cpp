@@ -26,7 +26,8 @@ void im2col_same_plane(const T* xc, T* out, const ConvGeometry& g) {
     const int64_t H = g.H, W = g.W, L = H * W;
     for (int64_t i = 0; i < g.kh; ++i) {
         for (int64_t j = 0; j < g.kw; ++j, out += L) {
-            const int64_t dh = i - g.ph, dw = j - g.pw;  // out[q] = x[q + dh*W + dw] where valid
+            const int64_t dh = i - g.ph, dw = j - g.pw;
+            const int64_t shift = dh * W + dw;  // out[q] = x[q + shift] where valid
             const int64_t row_lo = std::max<int64_t>(0, -dh), row_hi = std::min<int64_t>(H, H - dh);
             if (row_lo >= row_hi) {
                 std::fill(out, out + L, T(0));
@@ -35,10 +36,10 @@ void im2col_same_plane(const T* xc, T* out, const ConvGeometry& g) {
             const int64_t q_lo = row_lo * W, q_hi = row_hi * W;
             std::fill(out, out + q_lo, T(0));
             // the copied range may start or end dw values outside the plane (only at its ends)
-            const int64_t src_lo = std::max<int64_t>(q_lo, -(dh * W + dw));
-            const int64_t src_hi = std::min<int64_t>(q_hi, L - (dh * W + dw));
+            const int64_t src_lo = std::max<int64_t>(q_lo, -shift);
+            const int64_t src_hi = std::min<int64_t>(q_hi, L - shift);
             std::fill(out + q_lo, out + src_lo, T(0));
-            std::copy(xc + src_lo + dh * W + dw, xc + src_hi + dh * W + dw, out + src_lo);
+            std::copy(xc + src_lo + shift, xc + src_hi + shift, out + src_lo);
             std::fill(out + src_hi, out + q_hi, T(0));
             std::fill(out + q_hi, out + L, T(0));
             // values that wrapped across a row end belong to padding: columns [0, -dw) or [W-dw, W)
