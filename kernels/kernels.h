@@ -66,6 +66,16 @@ void im2col(const T* x, T* cols, const ConvGeometry& g);
 template <typename T>
 void col2im(const T* cols, T* x, const ConvGeometry& g);
 
+// -- conv_direct.cpp: stride-1 convolution in float32, read in place (no columns) -------------
+
+// y (N, O, Ho, Wo) = x (N, C, H, W) convolved with w (O, C, kh, kw), zero padding (ph, pw),
+// stride 1: Ho = H + 2ph - kh + 1, Wo = W + 2pw - kw + 1 (both >= 1).
+void conv2d_direct(const float* x, const float* w, float* y, int64_t N, int64_t C, int64_t H,
+                   int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw);
+
+// The instruction set the direct convolution runs with here: "avx512", "avx2" or "baseline".
+const char* conv2d_direct_isa();
+
 // Group norm over x (N, C, S): y, and mean, rstd (N, G). weight and bias may both be null.
 template <typename T>
 void group_norm_forward(const T* x, const T* weight, const T* bias, T* y, T* mean, T* rstd,

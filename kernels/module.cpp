@@ -11,6 +11,7 @@
 #include <array>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -78,6 +79,31 @@ carray<T> col2im(carray<T> cols, int64_t C, int64_t H, int64_t W, int64_t kh, in
         minidiff::col2im(in, out, g);
     }
     return x;
+}
+
+// Shape checks shared by the direct convolution's bindings; returns (Ho, Wo).
+std::pair<int64_t, int64_t> direct_geometry(const char* fn, const carray<float>& x, int64_t kh,
+                                            int64_t kw, int64_t ph, int64_t pw) {
+    require(x.ndim() == 4, std::string(fn) + ": x must have shape (N, C, H, W)");
+    const auto g = conv_geometry(fn, x.shape(0), x.shape(1), x.shape(2), x.shape(3), kh, kw, 1, 1,
+                                 ph, pw);
+    return {g.Ho, g.Wo};
+}
+
+carray<float> conv2d_direct(carray<float> x, carray<float> w, int64_t ph, int64_t pw) {
+    require(w.ndim() == 4 && x.ndim() == 4 && w.shape(1) == x.shape(1),
+            "conv2d_direct: need x (N, C, H, W) and weight (O, C, kh, kw) with the same C");
+    const int64_t N = x.shape(0), C = x.shape(1), H = x.shape(2), W = x.shape(3);
+    const int64_t O = w.shape(0), kh = w.shape(2), kw = w.shape(3);
+    const auto [Ho, Wo] = direct_geometry("conv2d_direct", x, kh, kw, ph, pw);
+    auto y = empty<float>({N, O, Ho, Wo});
+    const float *xp = x.data(), *wp = w.data();
+    float* yp = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::conv2d_direct(xp, wp, yp, N, C, H, W, O, kh, kw, ph, pw);
+    }
+    return y;
 }
 
 // Checks that a (C,) vector has C elements and returns its data (null for None).
@@ -367,6 +393,9 @@ void bind_diffusion(py::module_& m) {
 PYBIND11_MODULE(_native, m) {
     m.doc() = "Native CPU kernels of minidiff (C++, OpenMP). Use them through minidiff.kernels.";
     bind<float>(m);
+    m.def("conv2d_direct", &conv2d_direct, "x"_a.noconvert(), "weight"_a.noconvert(), "ph"_a, "pw"_a,
+          "Stride-1 convolution of float32 x (N, C, H, W) by weight (O, C, kh, kw), no columns.");
+    m.attr("conv2d_direct_isa") = minidiff::conv2d_direct_isa();
     bind<double>(m);
     bind_diffusion<float>(m);
     bind_diffusion<double>(m);

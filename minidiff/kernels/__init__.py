@@ -21,6 +21,7 @@ from .registry import IMPLEMENTATIONS, available, current, dispatcher, implement
 # conv.py
 im2col = dispatcher("im2col")
 col2im = dispatcher("col2im")
+conv2d_stride1 = dispatcher("conv2d_stride1")
 # norm.py
 group_norm_forward = dispatcher("group_norm_forward")
 group_norm_backward = dispatcher("group_norm_backward")
@@ -49,6 +50,7 @@ __all__ = [
     "which",
     "im2col",
     "col2im",
+    "conv2d_stride1",
     "group_norm_forward",
     "group_norm_backward",
     "group_norm_silu_forward",

@@ -1,4 +1,4 @@
-"""Convolution helpers: im2col and its adjoint col2im.
+"""Convolution helpers: im2col and its adjoint col2im, and the stride-1 convolution itself.
 
 A 2-D convolution is a matrix product once every receptive field is laid out as a column:
 
@@ -15,6 +15,12 @@ copy per kernel offset), Numba CPU, the C++ extension, and Numba CUDA for CuPy a
 CUDA col2im gives each pixel of x a thread that gathers the entries taken from it, in the order of
 the reference's loops (kernel row, then kernel column) and in the data's dtype: the reference's
 sums, to the bit, without atomic additions.
+
+``conv2d_stride1(x, weight, padding)`` is the whole stride-1 convolution. Its reference unfolds
+and multiplies as above; the native version (kernels/conv_direct.cpp, float32) reads the padded
+input in place, with no columns: each kernel tap is a constant shift of the flattened padded
+plane, so a tile of outputs is a few vector loads and fused multiply-adds per input channel and
+tap. It has no Numba or CUDA version: there the convolution unfolds and calls BLAS / cuBLAS.
 """
 
 from __future__ import annotations
@@ -93,6 +99,29 @@ def col2im_reference(cols, x_shape, kh, kw, stride, padding):
     return xp.ascontiguousarray(xpad[:, :, ph : ph + H, pw : pw + W])
 
 
+def _check_stride1(fn, x, weight, padding):
+    """Check x (N, C, H, W), weight (O, C, kh, kw) and padding; return ``(kh, kw, (ph, pw))``."""
+    float_dtype(fn, x=x, weight=weight)
+    if weight.ndim != 4 or x.ndim != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"{fn}: need x (N, C, H, W) and weight (O, C, kh, kw) with the same C, "
+            f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    kh, kw = weight.shape[2:]
+    *_, padding = conv_output_size(fn, x.shape, kh, kw, (1, 1), padding)
+    return kh, kw, padding
+
+
+@register("conv2d_stride1", "reference")
+def conv2d_stride1_reference(x, weight, padding):
+    """Stride-1 convolution ``(N, O, Ho, Wo)`` of x ``(N, C, H, W)`` by weight ``(O, C, kh, kw)``
+    with zero padding: the columns of every sample times the weight as a matrix."""
+    kh, kw, padding = _check_stride1("conv2d_stride1", x, weight, padding)
+    cols = im2col_reference(x, kh, kw, (1, 1), padding)  # (N, C*kh*kw, Ho*Wo)
+    Ho, Wo = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
+    return (weight.reshape(len(weight), -1) @ cols).reshape(len(x), len(weight), Ho, Wo)
+
+
 # -- Numba CPU -------------------------------------------------------------------------------
 
 
@@ -164,6 +193,16 @@ def im2col_native(x, kh, kw, stride, padding):
 def col2im_native(cols, x_shape, kh, kw, stride, padding):
     (N, C, H, W), _, _, (sh, sw), (ph, pw) = _check_cols("col2im", cols, x_shape, kh, kw, stride, padding)
     return native.col2im(np.ascontiguousarray(cols), C, H, W, kh, kw, sh, sw, ph, pw)
+
+
+@register("conv2d_stride1", "native")
+def conv2d_stride1_native(x, weight, padding):
+    """The direct kernel of kernels/conv_direct.cpp (no columns) for float32; float64, the
+    precision path of the gradient checks, runs the reference."""
+    _, _, (ph, pw) = _check_stride1("conv2d_stride1", x, weight, padding)
+    if x.dtype != np.float32:
+        return conv2d_stride1_reference(x, weight, (ph, pw))
+    return native.conv2d_direct(np.ascontiguousarray(x), np.ascontiguousarray(weight), ph, pw)
 
 
 # -- Numba CUDA ------------------------------------------------------------------------------

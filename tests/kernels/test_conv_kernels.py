@@ -1,6 +1,10 @@
-"""im2col / col2im: every implementation against naive loops, torch, and the reference."""
+"""im2col / col2im and the stride-1 convolution: every implementation against naive loops, torch,
+and the reference."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -197,6 +201,98 @@ def test_col2im_rejects_bad_input(col2im):
         col2im(cols.astype(np.float16), (1, 2, 3, 3), 2, 2, (1, 1), (0, 0))
 
 
+# -- conv2d_stride1: the direct convolution -----------------------------------------------------
+
+
+@st.composite
+def stride1_cases(draw):
+    """Kernels 1-5 (any padding, also beyond the kernel), 1-9 output channels (the native tile
+    holds 3 or 4: remainders), odd sizes, both dtypes, any input layout."""
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
+    H = draw(st.integers(max(1, kh - 2 * ph), 9))
+    W = draw(st.integers(max(1, kw - 2 * pw), 9))
+    N, C, out = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 9))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    layouts = st.sampled_from(["contiguous", "transposed", "strided"])
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = make_array(rng, (N, C, H, W), dtype, draw(layouts))
+    weight = make_array(rng, (out, C, kh, kw), dtype, draw(layouts))
+    return x, weight, (ph, pw)
+
+
+@pytest.mark.parametrize("conv", impls("conv2d_stride1"))
+@settings(deadline=None)
+@given(case=stride1_cases())
+def test_conv2d_stride1_matches_naive_loops(conv, case):
+    x, weight, padding = case
+    y = conv(x, weight, padding)
+    assert y.dtype == x.dtype
+    np.testing.assert_allclose(y, naive_conv2d(x, weight, (1, 1), padding), **TOL[x.dtype.type])
+
+
+@pytest.mark.parametrize("conv", impls("conv2d_stride1", names=("native",)))
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, padding",
+    [
+        ((2, 7, 19, 23), 13, (3, 3), (1, 1)),  # full tiles of output channels, then the rest
+        ((1, 5, 8, 8), 16, (3, 3), (1, 1)),  # one sample: the channels are split between threads
+        ((3, 4, 16, 16), 6, (5, 3), (2, 0)),
+        ((2, 3, 33, 30), 8, (2, 4), (0, 3)),
+    ],
+)
+def test_native_conv2d_stride1_at_vector_sizes(conv, shape, out_channels, kernel, padding):
+    """Planes wider than one vector tile, every output-channel split: against the reference."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    weight = rng.standard_normal((out_channels, shape[1], *kernel)).astype(np.float32)
+    expected = kernels.implementations("conv2d_stride1")["reference"](x, weight, padding)
+    np.testing.assert_allclose(conv(x, weight, padding), expected, **TOL[np.float32])
+
+
+@pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_native_conv2d_stride1_narrower_vectors(isa):
+    """The CPU picks the widest version at load time; MINIDIFF_CONV_ISA runs the others here."""
+    code = (
+        "import numpy as np; from minidiff import _native, kernels; rng = np.random.default_rng(1)\n"
+        "x = rng.standard_normal((2, 5, 13, 17)).astype(np.float32)\n"
+        "w = rng.standard_normal((7, 5, 3, 3)).astype(np.float32)\n"
+        "ref = kernels.implementations('conv2d_stride1')['reference'](x, w, (1, 1))\n"
+        "err = np.abs(_native.conv2d_direct(x, w, 1, 1) - ref).max() / np.abs(ref).max()\n"
+        "print(_native.conv2d_direct_isa, err)"
+    )
+    env = dict(os.environ, MINIDIFF_CONV_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    ran, err = out.stdout.split()
+    assert ran in (isa, "baseline")  # a CPU without AVX2 falls back to the baseline
+    assert float(err) < 1e-5
+
+
+def test_reference_conv2d_stride1_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, weight = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, 3, 2))
+    y = kernels.implementations("conv2d_stride1")["reference"](x, weight, (1, 2))
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), padding=(1, 2))
+    np.testing.assert_allclose(y, expected.numpy(), **TOL[np.float64])
+
+
+@pytest.mark.parametrize("conv", impls("conv2d_stride1"))
+def test_conv2d_stride1_rejects_bad_input(conv):
+    x, weight = np.zeros((1, 2, 4, 4), np.float32), np.zeros((3, 2, 3, 3), np.float32)
+    with pytest.raises(TypeError, match="conv2d_stride1: all arrays must have the same dtype"):
+        conv(x, weight.astype(np.float64), (1, 1))
+    with pytest.raises(TypeError, match="conv2d_stride1: x has dtype int64"):
+        conv(x.astype(np.int64), weight, (1, 1))
+    with pytest.raises(ValueError, match=r"same C, got x \(1, 2, 4, 4\) and weight \(3, 5, 3, 3\)"):
+        conv(x, np.zeros((3, 5, 3, 3), np.float32), (1, 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        conv(x, np.zeros((3, 2, 7, 3), np.float32), (1, 1))
+    with pytest.raises(ValueError, match="padding"):
+        conv(x, weight, (-1, 0))
+
+
 @pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])
 def test_native_extension_never_casts_or_copies_silently():
     from minidiff import _native
@@ -210,3 +306,9 @@ def test_native_extension_never_casts_or_copies_silently():
         _native.im2col(x.astype(np.int32), 3, 3, 1, 1, 0, 0)
     with pytest.raises(ValueError, match="does not fit"):
         _native.im2col(x, 7, 3, 2, 1, 1, 0)
+    w = np.zeros((3, 2, 3, 3), np.float32)
+    assert _native.conv2d_direct(x, w, 1, 1).shape == (1, 3, 4, 4)
+    with pytest.raises(TypeError):  # float32 only: the Python wrapper sends float64 elsewhere
+        _native.conv2d_direct(x.astype(np.float64), w.astype(np.float64), 1, 1)
+    with pytest.raises(ValueError, match="same C"):
+        _native.conv2d_direct(x, np.zeros((3, 1, 3, 3), np.float32), 1, 1)

@@ -140,6 +140,42 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
     assert gradcheck(lambda *ts: F.conv2d(*ts, stride=stride, padding=padding), leaf(x[:3]), leaf(w), leaf(b))
 
 
+@pytest.mark.skipif(
+    kernels.which("conv2d_stride1") != "native", reason="the direct convolution needs the native kernels"
+)
+@pytest.mark.parametrize("kernel, padding, out_channels", [(3, 1, 5), (3, 0, 4), (5, 2, 9), (2, 1, 6)])
+def test_conv2d_direct_path_matches_unfolding(monkeypatch, kernel, padding, out_channels):
+    """float32 stride-1 convs run the direct kernel forward and for the input gradient; values
+    and gradients agree with the unfolding path and with the definition."""
+    rng = np.random.default_rng(kernel * 10 + out_channels)
+    x = rng.standard_normal((3, 6, 9, 11)).astype(np.float32)
+    w = rng.standard_normal((out_channels, 6, kernel, kernel)).astype(np.float32)
+    b = rng.standard_normal(out_channels).astype(np.float32)
+    gy = rng.standard_normal((3, out_channels, 9 + 2 * padding - kernel + 1, 11 + 2 * padding - kernel + 1))
+
+    def run():
+        tx, tw, tb = (
+            md.tensor(x, requires_grad=True),
+            md.tensor(w, requires_grad=True),
+            md.tensor(b, requires_grad=True),
+        )
+        out = F.conv2d(tx, tw, tb, padding=padding)
+        (out * md.tensor(gy.astype(np.float32))).sum().backward()
+        return out.numpy(), tx.grad, tw.grad, tb.grad
+
+    calls = []
+    direct = kernels.conv2d_stride1
+    monkeypatch.setattr(kernels, "conv2d_stride1", lambda *a: calls.append(a[1].shape) or direct(*a))
+    got = run()
+    assert len(calls) == 2  # forward, and the input gradient with the flipped kernel
+    with kernels.use("numba"):  # no numba direct kernel: im2col and matrix products
+        unfolded = run()
+    for a, e in zip(got, unfolded):
+        np.testing.assert_allclose(a, e, **tolerance(np.float32))
+    expected = ref_conv2d(x.astype(np.float64), w.astype(np.float64), b, (1, 1), (padding, padding))
+    np.testing.assert_allclose(got[0], expected, **tolerance(np.float32))
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 

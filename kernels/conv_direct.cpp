@@ -1,0 +1,254 @@
+// Direct 2-D convolution at stride 1 in float32: no columns, the input is read in place.
+//
+// The trick is a flat padded plane. xpad[c] is x[c] zero-padded to (Hp, Wp) = (H + 2ph, W + 2pw)
+// and flattened (plus a zeroed tail). At the flat output position q = oy*Wp + ox, kernel tap
+// t = (i, j) reads xpad[c, q + shift_t] with shift_t = i*Wp + j, one constant per tap:
+//
+//     y[o, q] = sum_c sum_t w[o, c, t] * xpad[c, q + shift_t]
+//
+// This is the convolution wherever ox < Wo. The kw - 1 positions per row with ox >= Wo read
+// across the row end and are dropped: the price of inner loops with no borders at all (2/34 of
+// the work for a 32-wide image, 2/10 for an 8-wide one). So a run of VW consecutive outputs of
+// one channel is a plain vector load of the input per tap, whatever the image width.
+//
+// A register tile holds OB output channels x PV vectors of positions; per (c, tap), PV loads
+// and OB broadcast weights feed OB*PV fused multiply-adds. The input gradient of a stride-1
+// convolution is the same computation (gy convolved with the kernel flipped, padded k - 1 - p).
+//
+// The readable reference is im2col followed by a matrix product (minidiff/kernels/conv.py).
+// Each tile is compiled for AVX-512, AVX2 and baseline vectors; the CPU picks one at load time.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+// The vector helpers pass vectors by value; they are always inlined into a function compiled
+// for the vectors' width, so the ABI note about wide vectors in baseline code does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define MINIDIFF_INLINE inline __attribute__((always_inline))
+
+namespace minidiff {
+namespace {
+
+template <int VW>
+struct Lanes {
+    typedef float type __attribute__((vector_size(VW * sizeof(float))));
+};
+
+template <int VW>
+MINIDIFF_INLINE typename Lanes<VW>::type load(const float* p) {
+    typename Lanes<VW>::type v;
+    std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+    return v;
+}
+
+// Zeroed floats after each padded plane: the last tile of a plane (at most 5 x 16 positions)
+// reads this far past it, plus the kernel width.
+constexpr int64_t kTailFloats = 128;
+
+struct FlatGeometry {
+    int64_t N, C, H, W, O, kh, kw, ph, pw;
+    int64_t Hp, Wp, Ho, Wo;
+    int64_t taps;     // kh * kw
+    int64_t outputs;  // Ho * Wp flat output positions per plane, dropped columns included
+    int64_t plane;    // floats per padded input plane, tail included (a multiple of 16)
+    std::vector<int64_t> shift;
+
+    FlatGeometry(int64_t N_, int64_t C_, int64_t H_, int64_t W_, int64_t O_, int64_t kh_,
+                 int64_t kw_, int64_t ph_, int64_t pw_)
+        : N(N_), C(C_), H(H_), W(W_), O(O_), kh(kh_), kw(kw_), ph(ph_), pw(pw_) {
+        Hp = H + 2 * ph;
+        Wp = W + 2 * pw;
+        Ho = Hp - kh + 1;
+        Wo = Wp - kw + 1;
+        taps = kh * kw;
+        outputs = Ho * Wp;
+        plane = (Hp * Wp + kTailFloats + kw + 15) / 16 * 16;
+        for (int64_t i = 0; i < kh; ++i)
+            for (int64_t j = 0; j < kw; ++j) shift.push_back(i * Wp + j);
+    }
+};
+
+// x[c] (H, W) -> its flat padded plane, tail zeroed.
+void pad_plane(const float* src, float* dst, const FlatGeometry& g) {
+    std::fill(dst, dst + g.ph * g.Wp, 0.0f);
+    float* row = dst + g.ph * g.Wp;
+    for (int64_t h = 0; h < g.H; ++h, row += g.Wp, src += g.W) {
+        std::fill(row, row + g.pw, 0.0f);
+        std::memcpy(row + g.pw, src, g.W * sizeof(float));
+        std::fill(row + g.pw + g.W, row + g.Wp, 0.0f);
+    }
+    std::fill(row, dst + g.plane, 0.0f);
+}
+
+// Output channels come in blocks of OB (the forward tile's height), then single channels for
+// the remainder. packed[o0*C*T + (c*T + t)*b + k] = w[o0 + k, c, t] for the block [o0, o0 + b):
+// a tile's OB weights for one (c, tap) lie side by side.
+std::vector<float> pack_weight(const float* w, const FlatGeometry& g, int64_t OB) {
+    const int64_t C = g.C, T = g.taps, full = g.O / OB * OB;
+    std::vector<float> packed(g.O * C * T);
+    for (int64_t o0 = 0; o0 < g.O; o0 += (o0 < full ? OB : 1)) {
+        const int64_t b = o0 < full ? OB : 1;
+        for (int64_t k = 0; k < b; ++k)
+            for (int64_t c = 0; c < C; ++c)
+                for (int64_t t = 0; t < T; ++t)
+                    packed[o0 * C * T + (c * T + t) * b + k] = w[((o0 + k) * C + c) * T + t];
+    }
+    return packed;
+}
+
+// Copy the kept outputs of flat positions [p0, p1) of one channel from buf to y (Ho, Wo).
+MINIDIFF_INLINE void store_kept(const float* buf, int64_t p0, int64_t p1, float* y,
+                                const FlatGeometry& g) {
+    for (int64_t q = p0; q < p1;) {
+        const int64_t oy = q / g.Wp, ox = q - oy * g.Wp;
+        if (ox < g.Wo) {
+            const int64_t end = std::min(p1, oy * g.Wp + g.Wo);
+            std::memcpy(y + oy * g.Wo + ox, buf + (q - p0), (end - q) * sizeof(float));
+        }
+        q = (oy + 1) * g.Wp;
+    }
+}
+
+// y[o0 .. o0+OB, positions p0 .. p0 + PV*VW) of one sample, from its padded planes xpad.
+template <int VW, int OB, int PV>
+MINIDIFF_INLINE void forward_tile(const float* xpad, const float* wblock, int64_t p0, float* y,
+                                  const FlatGeometry& g) {
+    typedef typename Lanes<VW>::type V;
+    V acc[OB][PV];
+    for (int o = 0; o < OB; ++o)
+        for (int v = 0; v < PV; ++v) acc[o][v] = V{};
+    const int64_t T = g.taps;
+    const int64_t* shift = g.shift.data();
+    for (int64_t c = 0; c < g.C; ++c) {
+        const float* xc = xpad + c * g.plane + p0;
+        const float* wc = wblock + c * T * OB;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* src = xc + shift[t];
+            V xv[PV];
+#pragma GCC unroll 8
+            for (int v = 0; v < PV; ++v) xv[v] = load<VW>(src + v * VW);
+#pragma GCC unroll 8
+            for (int o = 0; o < OB; ++o) {
+                const V wv = wc[t * OB + o] - V{};  // a broadcast: s - 0 is s, also for -0
+#pragma GCC unroll 8
+                for (int v = 0; v < PV; ++v) acc[o][v] += wv * xv[v];
+            }
+        }
+    }
+    alignas(64) float buf[PV * VW];
+    const int64_t p1 = std::min(g.outputs, p0 + PV * VW);
+    for (int o = 0; o < OB; ++o) {
+        std::memcpy(buf, acc[o], sizeof buf);
+        store_kept(buf, p0, p1, y + o * g.Ho * g.Wo, g);
+    }
+}
+
+// Output channels [o_lo, o_hi) of sample n. xpad: a scratch of C planes.
+template <int VW, int OB, int PV>
+MINIDIFF_INLINE void forward_task(const float* x, const float* packed, float* y,
+                                  const FlatGeometry& g, int64_t n, int64_t o_lo, int64_t o_hi,
+                                  float* xpad) {
+    for (int64_t c = 0; c < g.C; ++c) pad_plane(x + (n * g.C + c) * g.H * g.W, xpad + c * g.plane, g);
+    float* yn = y + n * g.O * g.Ho * g.Wo;
+    const int64_t CT = g.C * g.taps, full = g.O / OB * OB;
+    int64_t o = o_lo;
+    for (; o + OB <= std::min(o_hi, full); o += OB)
+        for (int64_t p0 = 0; p0 < g.outputs; p0 += PV * VW)
+            forward_tile<VW, OB, PV>(xpad, packed + o * CT, p0, yn + o * g.Ho * g.Wo, g);
+    for (; o < o_hi; ++o)  // the remainder, one channel at a time
+        for (int64_t p0 = 0; p0 < g.outputs; p0 += PV * VW)
+            forward_tile<VW, 1, PV>(xpad, packed + o * CT, p0, yn + o * g.Ho * g.Wo, g);
+}
+
+using ForwardTask = void (*)(const float*, const float*, float*, const FlatGeometry&, int64_t,
+                             int64_t, int64_t, float*);
+
+// One instruction set's kernel and tile height (output channels per tile).
+struct DirectConvKernels {
+    const char* isa;
+    int64_t block;
+    ForwardTask forward;
+};
+
+// Tiles: AVX-512 has 32 vector registers (20 accumulators + 5 inputs + a weight); AVX2 and
+// baseline SSE have 16 (9 + 3 + 1).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MINIDIFF_DIRECT_ISA(name, target_attr, VW, OB, PV)                                      \
+    __attribute__((target(target_attr))) void forward_##name(                                     \
+        const float* x, const float* p, float* y, const FlatGeometry& g, int64_t n, int64_t lo,   \
+        int64_t hi, float* xpad) {                                                                \
+        forward_task<VW, OB, PV>(x, p, y, g, n, lo, hi, xpad);                                    \
+    }
+MINIDIFF_DIRECT_ISA(avx512, "avx512f,fma", 16, 4, 5)
+MINIDIFF_DIRECT_ISA(avx2, "avx2,fma", 8, 3, 3)
+#endif
+
+void forward_baseline(const float* x, const float* p, float* y, const FlatGeometry& g, int64_t n,
+                      int64_t lo, int64_t hi, float* xpad) {
+    forward_task<4, 3, 3>(x, p, y, g, n, lo, hi, xpad);
+}
+
+// The widest the CPU has; MINIDIFF_CONV_ISA=avx2 or =baseline picks a narrower one (so that
+// the tests can check every version on one machine).
+const DirectConvKernels& direct_conv_kernels() {
+    static const DirectConvKernels chosen = [] {
+        const char* forced = std::getenv("MINIDIFF_CONV_ISA");
+        const std::string cap = forced ? forced : "";
+#if defined(__GNUC__) && defined(__x86_64__)
+        __builtin_cpu_init();
+        const bool fma = __builtin_cpu_supports("fma");
+        if (cap.empty() && fma && __builtin_cpu_supports("avx512f"))
+            return DirectConvKernels{"avx512", 4, forward_avx512};
+        if ((cap.empty() || cap == "avx2") && fma && __builtin_cpu_supports("avx2"))
+            return DirectConvKernels{"avx2", 3, forward_avx2};
+#endif
+        return DirectConvKernels{"baseline", 3, forward_baseline};
+    }();
+    return chosen;
+}
+
+int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+}  // namespace
+
+const char* conv2d_direct_isa() { return direct_conv_kernels().isa; }
+
+void conv2d_direct(const float* x, const float* w, float* y, int64_t N, int64_t C, int64_t H,
+                   int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
+    const FlatGeometry g(N, C, H, W, O, kh, kw, ph, pw);
+    const DirectConvKernels& k = direct_conv_kernels();
+    const std::vector<float> packed = pack_weight(w, g, k.block);
+    // Tasks are (sample, group of output-channel blocks): whole samples when the batch keeps
+    // every thread busy, else the channels are split too (each task pads its sample's planes).
+    const int64_t blocks = (O + k.block - 1) / k.block;
+    const int64_t wanted = 4 * static_cast<int64_t>(max_threads());
+    const int64_t groups = N >= wanted ? 1 : std::min(blocks, (wanted + N - 1) / N);
+#pragma omp parallel
+    {
+        std::vector<float> xpad(C * g.plane);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < N * groups; ++task) {
+            const int64_t n = task / groups, grp = task % groups;
+            const int64_t lo = std::min(O, blocks * grp / groups * k.block);
+            const int64_t hi = std::min(O, blocks * (grp + 1) / groups * k.block);
+            if (lo < hi) k.forward(x, packed.data(), y, g, n, lo, hi, xpad.data());
+        }
+    }
+}
+
+}  // namespace minidiff
