@@ -1,6 +1,8 @@
 """minidiff: diffusion models and reverse-mode autodiff, from scratch on NumPy and CuPy."""
 
-from . import diffusion, functional, nn, optim, runtime
+# runtime first: it sets variables that libraries read when they load (OpenBLAS, with NumPy)
+from . import runtime  # isort: skip
+from . import diffusion, functional, nn, optim
 from .autograd import Function, is_grad_enabled, no_grad
 from .backend import Device, cuda_available
 from .tensor import Tensor, ones, randn, tensor, zeros

@@ -41,3 +41,55 @@ def test_info_reports_the_process_settings(capsys):
     out = capsys.readouterr().out
     settings = out[out.index("process settings:") :]
     assert "blas" in settings and "malloc" in settings
+
+
+def _run(code, **env):
+    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split("\n")
+
+
+_TIMEOUT_AND_NOTE = (
+    "import minidiff, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT']); print(minidiff.runtime.blas_note())"
+)
+
+
+def test_import_sets_the_openblas_thread_timeout():
+    code = _TIMEOUT_AND_NOTE
+    value, note, _ = _run(code, OPENBLAS_THREAD_TIMEOUT=None)
+    assert value == "4" and note == "idle OpenBLAS threads sleep at once (OPENBLAS_THREAD_TIMEOUT=4)"
+
+
+def test_the_user_can_keep_their_openblas_thread_timeout():
+    code = _TIMEOUT_AND_NOTE
+    value, note, _ = _run(code, OPENBLAS_THREAD_TIMEOUT="12")
+    assert value == "12" and note == "OpenBLAS thread timeout as set (OPENBLAS_THREAD_TIMEOUT=12)"
+
+
+# Thread states ("R" running, "S" sleeping) of this process's threads but the main one, a few
+# milliseconds after some matrix products: a spinning OpenBLAS thread shows as running.
+_STATES_AFTER_PRODUCTS = """
+import os, threading, time
+import numpy as np
+{imports}
+a = np.random.default_rng(0).standard_normal((600, 600)).astype(np.float32)
+for _ in range(3):
+    a @ a
+time.sleep(0.005)
+states = []
+for tid in os.listdir("/proc/self/task"):
+    if int(tid) != threading.get_native_id():
+        with open(f"/proc/self/task/{{tid}}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+print("".join(states) or "-")
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads thread states from /proc")
+def test_openblas_threads_sleep_after_products_even_when_numpy_came_first():
+    control = _run(_STATES_AFTER_PRODUCTS.format(imports=""), OPENBLAS_THREAD_TIMEOUT=None)[0]
+    if "R" not in control:
+        pytest.skip(f"this NumPy's BLAS threads do not spin after a product (states {control})")
+    # numpy (and its OpenBLAS, threads started) before minidiff: minidiff restarts them
+    states = _run(_STATES_AFTER_PRODUCTS.format(imports="import minidiff"), OPENBLAS_THREAD_TIMEOUT=None)[0]
+    assert "R" not in states, f"thread states {states}: an OpenBLAS thread still spins"
