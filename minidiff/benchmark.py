@@ -146,6 +146,25 @@ def _col2im_case(rng, x_shape, k, s, p):
     return Case(label, (cols, x_shape, k, k, (s, s), (p, p)), bytes=nbytes, torch=torch_work)
 
 
+# the stride-1 3x3 convolutions of the default U-Net (x shape, output channels): GFLOP/s
+@factory(
+    "conv2d_stride1",
+    full=[((32, 32, 32, 32), 32), ((32, 64, 16, 16), 64), ((32, 128, 8, 8), 64)],
+    tiny=[((2, 4, 6, 6), 5)],
+)
+def _conv2d_stride1_case(rng, x_shape, out_channels):
+    N, C, H, W = x_shape
+    x, weight = _randn(rng, x_shape), 0.1 * _randn(rng, (out_channels, C, 3, 3))
+
+    def torch_work(torch):
+        return _no_grad(torch, lambda x, w: torch.nn.functional.conv2d(x, w, padding=1), x, weight)
+
+    flops = 2 * N * out_channels * C * 9 * H * W
+    return Case(
+        f"x{_dims(x_shape)} o{out_channels} k3 p1", (x, weight, (1, 1)), flops=flops, torch=torch_work
+    )
+
+
 # group norm: the U-Net's norm layers (x shape, groups); eps as in the U-Net
 NORM_SHAPES = dict(full=[((64, 64, 16, 16), 8), ((32, 128, 32, 32), 32)], tiny=[((2, 8, 4, 4), 4)])
 EPS = 1e-5
