@@ -55,16 +55,16 @@ MINIDIFF_INLINE typename Lanes<VW>::type load(const float* p) {
 constexpr int64_t kTailFloats = 128;
 
 struct FlatGeometry {
-    int64_t N, C, H, W, O, kh, kw, ph, pw;
+    int64_t C, H, W, O, kh, kw, ph, pw;
     int64_t Hp, Wp, Ho, Wo;
     int64_t taps;     // kh * kw
     int64_t outputs;  // Ho * Wp flat output positions per plane, dropped columns included
     int64_t plane;    // floats per padded input plane, tail included (a multiple of 16)
     std::vector<int64_t> shift;
 
-    FlatGeometry(int64_t N_, int64_t C_, int64_t H_, int64_t W_, int64_t O_, int64_t kh_,
+    FlatGeometry(int64_t C_, int64_t H_, int64_t W_, int64_t O_, int64_t kh_,
                  int64_t kw_, int64_t ph_, int64_t pw_)
-        : N(N_), C(C_), H(H_), W(W_), O(O_), kh(kh_), kw(kw_), ph(ph_), pw(pw_) {
+        : C(C_), H(H_), W(W_), O(O_), kh(kh_), kw(kw_), ph(ph_), pw(pw_) {
         Hp = H + 2 * ph;
         Wp = W + 2 * pw;
         Ho = Hp - kh + 1;
@@ -230,7 +230,7 @@ const char* conv2d_direct_isa() { return direct_conv_kernels().isa; }
 
 void conv2d_direct(const float* x, const float* w, float* y, int64_t N, int64_t C, int64_t H,
                    int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
-    const FlatGeometry g(N, C, H, W, O, kh, kw, ph, pw);
+    const FlatGeometry g(C, H, W, O, kh, kw, ph, pw);
     const DirectConvKernels& k = direct_conv_kernels();
     const std::vector<float> packed = pack_weight(w, g, k.block);
     // Tasks are (sample, group of output-channel blocks): whole samples when the batch keeps

@@ -11,7 +11,6 @@
 #include <array>
 #include <optional>
 #include <string>
-#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -81,22 +80,13 @@ carray<T> col2im(carray<T> cols, int64_t C, int64_t H, int64_t W, int64_t kh, in
     return x;
 }
 
-// Shape checks shared by the direct convolution's bindings; returns (Ho, Wo).
-std::pair<int64_t, int64_t> direct_geometry(const char* fn, const carray<float>& x, int64_t kh,
-                                            int64_t kw, int64_t ph, int64_t pw) {
-    require(x.ndim() == 4, std::string(fn) + ": x must have shape (N, C, H, W)");
-    const auto g = conv_geometry(fn, x.shape(0), x.shape(1), x.shape(2), x.shape(3), kh, kw, 1, 1,
-                                 ph, pw);
-    return {g.Ho, g.Wo};
-}
-
 carray<float> conv2d_direct(carray<float> x, carray<float> w, int64_t ph, int64_t pw) {
     require(w.ndim() == 4 && x.ndim() == 4 && w.shape(1) == x.shape(1),
             "conv2d_direct: need x (N, C, H, W) and weight (O, C, kh, kw) with the same C");
     const int64_t N = x.shape(0), C = x.shape(1), H = x.shape(2), W = x.shape(3);
     const int64_t O = w.shape(0), kh = w.shape(2), kw = w.shape(3);
-    const auto [Ho, Wo] = direct_geometry("conv2d_direct", x, kh, kw, ph, pw);
-    auto y = empty<float>({N, O, Ho, Wo});
+    const auto g = conv_geometry("conv2d_direct", N, C, H, W, kh, kw, 1, 1, ph, pw);
+    auto y = empty<float>({N, O, g.Ho, g.Wo});
     const float *xp = x.data(), *wp = w.data();
     float* yp = y.mutable_data();
     {

@@ -112,7 +112,7 @@ class Conv2d(Function):
                 w_flip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].swapaxes(0, 1))
                 pad_flip = (kh - 1 - self.padding[0], kw - 1 - self.padding[1])
             if direct:
-                gx = kernels.conv2d_stride1(xp.ascontiguousarray(gy), w_flip, pad_flip)
+                gx = kernels.conv2d_stride1(gy, w_flip, pad_flip)
             x_in_chunks = need_x and not direct  # gx computed chunk by chunk below
             gcols_dtype = xp.result_type(w2, g)
             gw_t = xp.zeros(w2.shape[::-1], dtype=xp.result_type(g, x)) if need_w else None  # (C*kH*kW, O)
