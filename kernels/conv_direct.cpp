@@ -169,14 +169,125 @@ MINIDIFF_INLINE void forward_task(const float* x, const float* packed, float* y,
             forward_tile<VW, 1, PV>(xpad, packed + o * CT, p0, yn + o * g.Ho * g.Wo, g);
 }
 
+// -- The weight gradient ----------------------------------------------------------------------
+//
+//     gw[o, c, t] = sum_n sum_{oy < Ho, ox < Wo} gy[n, o, oy, ox] * xpad[n, c, oy*Wp + ox + shift_t]
+//
+// a matrix product (O x positions) @ (positions x C*T) whose right operand is never built: its
+// row (c, t) is the padded plane c read from shift_t on. Here the vector lanes run over output
+// channels, so gy is transposed per sample to gyt (positions, Opad), Opad = O rounded up to the
+// vector width, zeros above O. A register tile holds R rows (c, t) x V vectors of channels; per
+// kept output position it takes V loads of gyt, R broadcasts of xpad and R*V fused multiply-adds,
+// and it only visits kept positions (ox < Wo), so nothing is computed to be dropped. Samples run
+// one after another (the sample's gyt stays in the core's cache) and every tile adds its sample's
+// sum into its own block of gwt (C*T, Opad): tiles never share an accumulator.
+
+// Rows per tile for V vectors: as many accumulators as the registers hold (R*V + V + 1 of 32
+// with AVX-512, of 16 otherwise).
+template <int VW, int V>
+constexpr int wgrad_rows() {
+    return VW == 16 ? (V == 1 ? 12 : V == 2 ? 8 : 6) : (V == 1 ? 6 : 4);
+}
+
+template <int VW>
+constexpr int wgrad_max_vectors() {
+    return VW == 16 ? 4 : 2;
+}
+
+struct WeightGradTile {
+    int64_t row;     // first row (c*T + t) of gwt
+    int64_t vector;  // first vector of channels (channel vector*VW)
+    int vectors;     // V
+};
+
+struct WeightGradPlan {
+    const FlatGeometry& g;
+    int64_t Opad;
+    const float* xpad;    // the sample's C padded planes
+    const float* zeros;   // a zero plane, read by the rows past C*T of the last row block
+    const float* gyt;     // the sample's (Ho*Wo, Opad)
+    float* gwt;           // (C*T, Opad), accumulated over samples
+};
+
+template <int VW, int V>
+MINIDIFF_INLINE void weight_grad_tile(const WeightGradPlan& pl, int64_t row0, int64_t vec0) {
+    typedef typename Lanes<VW>::type Vec;
+    constexpr int R = wgrad_rows<VW, V>();
+    const FlatGeometry& g = pl.g;
+    const int64_t K = g.C * g.taps;
+    const float* rows[R];
+    for (int r = 0; r < R; ++r) {
+        const int64_t k = row0 + r;
+        rows[r] = k < K ? pl.xpad + k / g.taps * g.plane + g.shift[k % g.taps] : pl.zeros;
+    }
+    Vec acc[R][V];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+    const float* gy_row = pl.gyt + vec0 * VW;
+    for (int64_t oy = 0; oy < g.Ho; ++oy, gy_row += g.Wo * pl.Opad) {
+        const int64_t base = oy * g.Wp;
+        for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            Vec gv[V];
+#pragma GCC unroll 8
+            for (int v = 0; v < V; ++v) gv[v] = load<VW>(gy_row + ox * pl.Opad + v * VW);
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r) {
+                const Vec xv = rows[r][base + ox] - Vec{};  // a broadcast
+#pragma GCC unroll 8
+                for (int v = 0; v < V; ++v) acc[r][v] += xv * gv[v];
+            }
+        }
+    }
+    for (int r = 0; r < R && row0 + r < K; ++r) {
+        float* out = pl.gwt + (row0 + r) * pl.Opad + vec0 * VW;
+        for (int v = 0; v < V; ++v) {
+            Vec sum = load<VW>(out + v * VW) + acc[r][v];
+            std::memcpy(out + v * VW, &sum, sizeof sum);
+        }
+    }
+}
+
+template <int VW>
+MINIDIFF_INLINE void weight_grad_task(const WeightGradPlan& pl, const WeightGradTile& tile) {
+    switch (tile.vectors) {
+        case 1: weight_grad_tile<VW, 1>(pl, tile.row, tile.vector); break;
+        case 2: weight_grad_tile<VW, 2>(pl, tile.row, tile.vector); break;
+        case 3: if constexpr (wgrad_max_vectors<VW>() >= 3) weight_grad_tile<VW, 3>(pl, tile.row, tile.vector); break;
+        case 4: if constexpr (wgrad_max_vectors<VW>() >= 4) weight_grad_tile<VW, 4>(pl, tile.row, tile.vector); break;
+    }
+}
+
+// The tiles of gwt: channel vectors in blocks of the widest tile, then the remainder; each
+// block's rows in runs of that tile's R.
+template <int VW>
+std::vector<WeightGradTile> weight_grad_tiles(int64_t K, int64_t Opad) {
+    constexpr int kRows[5] = {0, wgrad_rows<VW, 1>(), wgrad_rows<VW, 2>(),
+                              wgrad_rows<VW, std::min(3, wgrad_max_vectors<VW>())>(),
+                              wgrad_rows<VW, std::min(4, wgrad_max_vectors<VW>())>()};
+    std::vector<WeightGradTile> tiles;
+    const int64_t nv = Opad / VW;
+    for (int64_t v0 = 0; v0 < nv;) {
+        const int V = static_cast<int>(std::min<int64_t>(wgrad_max_vectors<VW>(), nv - v0));
+        for (int64_t k0 = 0; k0 < K; k0 += kRows[V]) tiles.push_back({k0, v0, V});
+        v0 += V;
+    }
+    return tiles;
+}
+
 using ForwardTask = void (*)(const float*, const float*, float*, const FlatGeometry&, int64_t,
                              int64_t, int64_t, float*);
 
 // One instruction set's kernel and tile height (output channels per tile).
+using WeightGradTiles = void (*)(const WeightGradPlan&, const WeightGradTile*, int64_t, int64_t);
+using WeightGradPlanner = std::vector<WeightGradTile> (*)(int64_t, int64_t);
+
 struct DirectConvKernels {
     const char* isa;
     int64_t block;
     ForwardTask forward;
+    int64_t lanes;  // the weight gradient's vector width (floats)
+    WeightGradPlanner weight_grad_tiles;
+    WeightGradTiles weight_grad;
 };
 
 // Tiles: AVX-512 has 32 vector registers (20 accumulators + 5 inputs + a weight); AVX2 and
@@ -187,6 +298,10 @@ struct DirectConvKernels {
         const float* x, const float* p, float* y, const FlatGeometry& g, int64_t n, int64_t lo,   \
         int64_t hi, float* xpad) {                                                                \
         forward_task<VW, OB, PV>(x, p, y, g, n, lo, hi, xpad);                                    \
+    }                                                                                             \
+    __attribute__((target(target_attr))) void weight_grad_##name(                                 \
+        const WeightGradPlan& pl, const WeightGradTile* tiles, int64_t lo, int64_t hi) {          \
+        for (int64_t i = lo; i < hi; ++i) weight_grad_task<VW>(pl, tiles[i]);                     \
     }
 MINIDIFF_DIRECT_ISA(avx512, "avx512f,fma", 16, 4, 5)
 MINIDIFF_DIRECT_ISA(avx2, "avx2,fma", 8, 3, 3)
@@ -195,6 +310,11 @@ MINIDIFF_DIRECT_ISA(avx2, "avx2,fma", 8, 3, 3)
 void forward_baseline(const float* x, const float* p, float* y, const FlatGeometry& g, int64_t n,
                       int64_t lo, int64_t hi, float* xpad) {
     forward_task<4, 3, 3>(x, p, y, g, n, lo, hi, xpad);
+}
+
+void weight_grad_baseline(const WeightGradPlan& pl, const WeightGradTile* tiles, int64_t lo,
+                          int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) weight_grad_task<4>(pl, tiles[i]);
 }
 
 // The widest the CPU has; MINIDIFF_CONV_ISA=avx2 or =baseline picks a narrower one (so that
@@ -207,11 +327,11 @@ const DirectConvKernels& direct_conv_kernels() {
         __builtin_cpu_init();
         const bool fma = __builtin_cpu_supports("fma");
         if (cap.empty() && fma && __builtin_cpu_supports("avx512f"))
-            return DirectConvKernels{"avx512", 4, forward_avx512};
+            return DirectConvKernels{"avx512", 4, forward_avx512, 16, weight_grad_tiles<16>, weight_grad_avx512};
         if ((cap.empty() || cap == "avx2") && fma && __builtin_cpu_supports("avx2"))
-            return DirectConvKernels{"avx2", 3, forward_avx2};
+            return DirectConvKernels{"avx2", 3, forward_avx2, 8, weight_grad_tiles<8>, weight_grad_avx2};
 #endif
-        return DirectConvKernels{"baseline", 3, forward_baseline};
+        return DirectConvKernels{"baseline", 3, forward_baseline, 4, weight_grad_tiles<4>, weight_grad_baseline};
     }();
     return chosen;
 }
@@ -249,6 +369,41 @@ void conv2d_direct(const float* x, const float* w, float* y, int64_t N, int64_t 
             if (lo < hi) k.forward(x, packed.data(), y, g, n, lo, hi, xpad.data());
         }
     }
+}
+
+void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64_t N, int64_t C,
+                               int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph,
+                               int64_t pw) {
+    const FlatGeometry g(C, H, W, O, kh, kw, ph, pw);
+    const DirectConvKernels& k = direct_conv_kernels();
+    const int64_t K = C * g.taps, L = g.Ho * g.Wo;
+    const int64_t Opad = (O + k.lanes - 1) / k.lanes * k.lanes;
+    const std::vector<WeightGradTile> tiles = k.weight_grad_tiles(K, Opad);
+    const int64_t ntiles = static_cast<int64_t>(tiles.size());
+    // Each thread takes a run of samples with its own buffers and its own partial sum gwt; the
+    // partial sums are added in thread order at the end. No thread waits for another on the
+    // way (a barrier per sample cost more than the sample's arithmetic at 8x8).
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N, max_threads()));
+    std::vector<float> gwt(parts * K * Opad, 0.0f);
+    const std::vector<float> zeros(g.plane, 0.0f);
+#pragma omp parallel for schedule(static, 1)
+    for (int64_t part = 0; part < parts; ++part) {
+        std::vector<float> xpad(C * g.plane), gyt(L * Opad, 0.0f);
+        const WeightGradPlan plan{g, Opad, xpad.data(), zeros.data(), gyt.data(), gwt.data() + part * K * Opad};
+        for (int64_t n = N * part / parts; n < N * (part + 1) / parts; ++n) {
+            for (int64_t c = 0; c < C; ++c) pad_plane(x + (n * C + c) * H * W, xpad.data() + c * g.plane, g);
+            const float* gn = gy + n * O * L;
+            for (int64_t o = 0; o < O; ++o)  // gyt = gy[n].T; the columns past O stay zero
+                for (int64_t p = 0; p < L; ++p) gyt[p * Opad + o] = gn[o * L + p];
+            k.weight_grad(plan, tiles.data(), 0, ntiles);
+        }
+    }
+    for (int64_t o = 0; o < O; ++o)
+        for (int64_t r = 0; r < K; ++r) {
+            float sum = 0.0f;
+            for (int64_t part = 0; part < parts; ++part) sum += gwt[(part * K + r) * Opad + o];
+            gw[o * K + r] = sum;
+        }
 }
 
 }  // namespace minidiff

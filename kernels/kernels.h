@@ -73,6 +73,11 @@ void col2im(const T* cols, T* x, const ConvGeometry& g);
 void conv2d_direct(const float* x, const float* w, float* y, int64_t N, int64_t C, int64_t H,
                    int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw);
 
+// Its weight gradient: gw (O, C, kh, kw) from x (N, C, H, W) and gy (N, O, Ho, Wo).
+void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64_t N, int64_t C,
+                               int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph,
+                               int64_t pw);
+
 // The instruction set the direct convolution runs with here: "avx512", "avx2" or "baseline".
 const char* conv2d_direct_isa();
 

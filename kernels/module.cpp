@@ -96,6 +96,24 @@ carray<float> conv2d_direct(carray<float> x, carray<float> w, int64_t ph, int64_
     return y;
 }
 
+carray<float> conv2d_direct_weight_grad(carray<float> x, carray<float> gy, int64_t kh, int64_t kw,
+                                        int64_t ph, int64_t pw) {
+    require(x.ndim() == 4 && gy.ndim() == 4 && gy.shape(0) == x.shape(0),
+            "conv2d_direct_weight_grad: need x (N, C, H, W) and gy (N, O, Ho, Wo) with the same N");
+    const int64_t N = x.shape(0), C = x.shape(1), H = x.shape(2), W = x.shape(3), O = gy.shape(1);
+    const auto g = conv_geometry("conv2d_direct_weight_grad", N, C, H, W, kh, kw, 1, 1, ph, pw);
+    require(gy.shape(2) == g.Ho && gy.shape(3) == g.Wo,
+            "conv2d_direct_weight_grad: gy's spatial shape does not match x, the kernel and the padding");
+    auto gw = empty<float>({O, C, kh, kw});
+    const float *xp = x.data(), *gp = gy.data();
+    float* wp = gw.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::conv2d_direct_weight_grad(xp, gp, wp, N, C, H, W, O, kh, kw, ph, pw);
+    }
+    return gw;
+}
+
 // Checks that a (C,) vector has C elements and returns its data (null for None).
 template <typename T>
 const T* channel_data(const std::optional<carray<T>>& v, int64_t C, const std::string& what) {
@@ -385,6 +403,9 @@ PYBIND11_MODULE(_native, m) {
     bind<float>(m);
     m.def("conv2d_direct", &conv2d_direct, "x"_a.noconvert(), "weight"_a.noconvert(), "ph"_a, "pw"_a,
           "Stride-1 convolution of float32 x (N, C, H, W) by weight (O, C, kh, kw), no columns.");
+    m.def("conv2d_direct_weight_grad", &conv2d_direct_weight_grad, "x"_a.noconvert(), "gy"_a.noconvert(),
+          "kh"_a, "kw"_a, "ph"_a, "pw"_a,
+          "Weight gradient (O, C, kh, kw) of the stride-1 float32 convolution, from x and gy.");
     m.attr("conv2d_direct_isa") = minidiff::conv2d_direct_isa();
     bind<double>(m);
     bind_diffusion<float>(m);

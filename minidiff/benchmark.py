@@ -165,6 +165,27 @@ def _conv2d_stride1_case(rng, x_shape, out_channels):
     )
 
 
+# ... and its weight gradient, from x and the output gradient gy: GFLOP/s
+@factory(
+    "conv2d_stride1_weight_grad",
+    full=[((32, 32, 32, 32), 32), ((32, 64, 16, 16), 64), ((32, 128, 8, 8), 64)],
+    tiny=[((2, 4, 6, 6), 5)],
+)
+def _conv2d_stride1_weight_grad_case(rng, x_shape, out_channels):
+    N, C, H, W = x_shape
+    x, gy = _randn(rng, x_shape), _randn(rng, (N, out_channels, H, W))
+    weight_shape = (out_channels, C, 3, 3)
+
+    def torch_work(torch):
+        grad = torch.nn.grad.conv2d_weight
+        return _no_grad(torch, lambda x, gy: grad(x, weight_shape, gy, padding=1), x, gy)
+
+    flops = 2 * N * out_channels * C * 9 * H * W
+    return Case(
+        f"x{_dims(x_shape)} o{out_channels} k3 p1", (x, gy, (3, 3), (1, 1)), flops=flops, torch=torch_work
+    )
+
+
 # group norm: the U-Net's norm layers (x shape, groups); eps as in the U-Net
 NORM_SHAPES = dict(full=[((64, 64, 16, 16), 8), ((32, 128, 32, 32), 32)], tiny=[((2, 8, 4, 4), 4)])
 EPS = 1e-5

@@ -22,6 +22,7 @@ from .registry import IMPLEMENTATIONS, available, current, dispatcher, implement
 im2col = dispatcher("im2col")
 col2im = dispatcher("col2im")
 conv2d_stride1 = dispatcher("conv2d_stride1")
+conv2d_stride1_weight_grad = dispatcher("conv2d_stride1_weight_grad")
 # norm.py
 group_norm_forward = dispatcher("group_norm_forward")
 group_norm_backward = dispatcher("group_norm_backward")
@@ -51,6 +52,7 @@ __all__ = [
     "im2col",
     "col2im",
     "conv2d_stride1",
+    "conv2d_stride1_weight_grad",
     "group_norm_forward",
     "group_norm_backward",
     "group_norm_silu_forward",

@@ -16,11 +16,13 @@ CUDA col2im gives each pixel of x a thread that gathers the entries taken from i
 the reference's loops (kernel row, then kernel column) and in the data's dtype: the reference's
 sums, to the bit, without atomic additions.
 
-``conv2d_stride1(x, weight, padding)`` is the whole stride-1 convolution. Its reference unfolds
-and multiplies as above; the native version (kernels/conv_direct.cpp, float32) reads the padded
-input in place, with no columns: each kernel tap is a constant shift of the flattened padded
-plane, so a tile of outputs is a few vector loads and fused multiply-adds per input channel and
-tap. It has no Numba or CUDA version: there the convolution unfolds and calls BLAS / cuBLAS.
+``conv2d_stride1(x, weight, padding)`` is the whole stride-1 convolution and
+``conv2d_stride1_weight_grad(x, gy, kernel_size, padding)`` its weight gradient. Their references
+unfold and multiply as above; the native versions (kernels/conv_direct.cpp, float32) read the
+padded input in place, with no columns: each kernel tap is a constant shift of the flattened
+padded plane, so a tile of outputs (or of weight gradients) is a few vector loads and fused
+multiply-adds per input channel and tap. They have no Numba or CUDA version: there the
+convolution unfolds and calls BLAS / cuBLAS.
 """
 
 from __future__ import annotations
@@ -122,6 +124,36 @@ def conv2d_stride1_reference(x, weight, padding):
     return (weight.reshape(len(weight), -1) @ cols).reshape(len(x), len(weight), Ho, Wo)
 
 
+def _check_stride1_weight_grad(fn, x, gy, kernel_size, padding):
+    """Check x (N, C, H, W), gy (N, O, Ho, Wo) against the kernel size and padding; return
+    ``(kh, kw, (ph, pw))``."""
+    float_dtype(fn, x=x, gy=gy)
+    kh, kw = pair(fn, "kernel size", kernel_size)
+    if x.ndim != 4 or gy.ndim != 4 or gy.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{fn}: need x (N, C, H, W) and gy (N, O, Ho, Wo) with the same N, "
+            f"got x {tuple(x.shape)} and gy {tuple(gy.shape)}"
+        )
+    *_, Ho, Wo, _, padding = conv_output_size(fn, x.shape, kh, kw, (1, 1), padding)
+    if gy.shape[2:] != (Ho, Wo):
+        raise ValueError(
+            f"{fn}: gy {tuple(gy.shape)} does not match x {tuple(x.shape)}: a ({kh}, {kw}) kernel "
+            f"with padding {padding} gives outputs of {Ho}x{Wo}"
+        )
+    return kh, kw, padding
+
+
+@register("conv2d_stride1_weight_grad", "reference")
+def conv2d_stride1_weight_grad_reference(x, gy, kernel_size, padding):
+    """The weight gradient ``(O, C, kh, kw)`` of the stride-1 convolution, from x ``(N, C, H, W)``
+    and the output gradient gy ``(N, O, Ho, Wo)``: the sum over samples of gy[n] times the
+    transposed columns of x[n]."""
+    kh, kw, padding = _check_stride1_weight_grad("conv2d_stride1_weight_grad", x, gy, kernel_size, padding)
+    cols = im2col_reference(x, kh, kw, (1, 1), padding)  # (N, C*kh*kw, Ho*Wo)
+    g = gy.reshape(gy.shape[0], gy.shape[1], -1)  # (N, O, Ho*Wo)
+    return (g @ cols.swapaxes(1, 2)).sum(axis=0).reshape(gy.shape[1], x.shape[1], kh, kw)
+
+
 # -- Numba CPU -------------------------------------------------------------------------------
 
 
@@ -203,6 +235,17 @@ def conv2d_stride1_native(x, weight, padding):
     if x.dtype != np.float32:
         return conv2d_stride1_reference(x, weight, (ph, pw))
     return native.conv2d_direct(np.ascontiguousarray(x), np.ascontiguousarray(weight), ph, pw)
+
+
+@register("conv2d_stride1_weight_grad", "native")
+def conv2d_stride1_weight_grad_native(x, gy, kernel_size, padding):
+    """The direct weight gradient of kernels/conv_direct.cpp (no columns) for float32; float64
+    runs the reference."""
+    fn = "conv2d_stride1_weight_grad"
+    kh, kw, (ph, pw) = _check_stride1_weight_grad(fn, x, gy, kernel_size, padding)
+    if x.dtype != np.float32:
+        return conv2d_stride1_weight_grad_reference(x, gy, (kh, kw), (ph, pw))
+    return native.conv2d_direct_weight_grad(np.ascontiguousarray(x), np.ascontiguousarray(gy), kh, kw, ph, pw)
 
 
 # -- Numba CUDA ------------------------------------------------------------------------------

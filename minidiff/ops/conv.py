@@ -105,17 +105,23 @@ class Conv2d(Function):
         elif need_x or need_w:
             xp = get_array_module(x)
             n, c, h, w = x.shape
-            direct = need_x and gy.dtype == np.float32 and self._runs_direct(x, weight)
-            as_conv = need_x and not direct and self._input_grad_is_a_conv(o, c, kh, kw)
-            if direct or as_conv:
+            direct = gy.dtype == np.float32 and self._runs_direct(x, weight)
+            direct_x = need_x and direct
+            direct_w = need_w and direct and kernels.which("conv2d_stride1_weight_grad") == "native"
+            as_conv = need_x and not direct_x and self._input_grad_is_a_conv(o, c, kh, kw)
+            if direct_x or as_conv:
                 # gx = gy (*) weight flipped in space, with O and C swapped, padded k - 1 - p
                 w_flip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].swapaxes(0, 1))
                 pad_flip = (kh - 1 - self.padding[0], kw - 1 - self.padding[1])
-            if direct:
+            if direct_x:
                 gx = kernels.conv2d_stride1(gy, w_flip, pad_flip)
-            x_in_chunks = need_x and not direct  # gx computed chunk by chunk below
+            if direct_w:
+                gw = kernels.conv2d_stride1_weight_grad(x, gy, (kh, kw), self.padding)
+            x_in_chunks = need_x and not direct_x  # gx computed chunk by chunk below
+            w_in_chunks = need_w and not direct_w
             gcols_dtype = xp.result_type(w2, g)
-            gw_t = xp.zeros(w2.shape[::-1], dtype=xp.result_type(g, x)) if need_w else None  # (C*kH*kW, O)
+            # (C*kH*kW, O), summed over the chunks
+            gw_t = xp.zeros(w2.shape[::-1], dtype=xp.result_type(g, x)) if w_in_chunks else None
             if x_in_chunks:
                 gx = xp.empty((n, c, h * w), dtype=gcols_dtype)
             if as_conv:
@@ -123,9 +129,9 @@ class Conv2d(Function):
             elif x_in_chunks:
                 w2_t = xp.ascontiguousarray(w2.T)  # BLAS runs the product faster on a contiguous operand
             chunks = self._chunks(x, kh * kw * max(c * g.shape[2], o * h * w if as_conv else 0))
-            for a, b in chunks if need_w or x_in_chunks else ():
+            for a, b in chunks if w_in_chunks or x_in_chunks else ():
                 cols = None
-                if need_w:
+                if w_in_chunks:
                     cols = kernels.im2col(x[a:b], kh, kw, self.stride, self.padding)
                     gw_t += _weight_grad_t(cols, g[a:b])
                 if as_conv:
@@ -136,7 +142,8 @@ class Conv2d(Function):
                     gx[a:b] = kernels.col2im(gcols, x[a:b].shape, kh, kw, self.stride, self.padding).reshape(
                         b - a, c, h * w
                     )
-            gw = None if gw_t is None else xp.ascontiguousarray(gw_t.T).reshape(weight.shape)
+            if gw_t is not None:
+                gw = xp.ascontiguousarray(gw_t.T).reshape(weight.shape)
             gx = None if gx is None else gx.reshape(x.shape)
         if self.has_bias and self.needs_input_grad[2]:
             gb = get_array_module(gy).einsum("nol->o", g)  # 3x faster than gy.sum(axis=(0, 2, 3))

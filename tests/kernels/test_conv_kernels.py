@@ -1,5 +1,5 @@
-"""im2col / col2im and the stride-1 convolution: every implementation against naive loops, torch,
-and the reference."""
+"""im2col / col2im, the stride-1 convolution and its weight gradient: every implementation against
+naive loops, torch, and the reference."""
 
 import itertools
 import os
@@ -260,13 +260,16 @@ def test_native_conv2d_stride1_narrower_vectors(isa):
         "w = rng.standard_normal((7, 5, 3, 3)).astype(np.float32)\n"
         "ref = kernels.implementations('conv2d_stride1')['reference'](x, w, (1, 1))\n"
         "err = np.abs(_native.conv2d_direct(x, w, 1, 1) - ref).max() / np.abs(ref).max()\n"
-        "print(_native.conv2d_direct_isa, err)"
+        "gy = rng.standard_normal((2, 37, 13, 17)).astype(np.float32)\n"
+        "ref = kernels.implementations('conv2d_stride1_weight_grad')['reference'](x, gy, (3, 3), (1, 1))\n"
+        "gw = _native.conv2d_direct_weight_grad(x, gy, 3, 3, 1, 1)\n"
+        "print(_native.conv2d_direct_isa, err, np.abs(gw - ref).max() / np.abs(ref).max())"
     )
     env = dict(os.environ, MINIDIFF_CONV_ISA=isa)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    ran, err = out.stdout.split()
+    ran, err, err_weight_grad = out.stdout.split()
     assert ran in (isa, "baseline")  # a CPU without AVX2 falls back to the baseline
-    assert float(err) < 1e-5
+    assert float(err) < 1e-5 and float(err_weight_grad) < 1e-5
 
 
 def test_reference_conv2d_stride1_matches_torch():
@@ -293,6 +296,99 @@ def test_conv2d_stride1_rejects_bad_input(conv):
         conv(x, weight, (-1, 0))
 
 
+# -- conv2d_stride1_weight_grad: the direct weight gradient -------------------------------------
+
+
+def naive_weight_grad(x, gy, kernel_size, padding):
+    """gw[o, c, i, j] = sum over n, oh, ow of gy[n, o, oh, ow] * x_padded[n, c, oh + i, ow + j],
+    one kernel tap at a time, in float64."""
+    (kh, kw), (ph, pw) = kernel_size, padding
+    Ho, Wo = gy.shape[2:]
+    xpad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    gw = np.zeros((gy.shape[1], x.shape[1], kh, kw))
+    for i, j in itertools.product(range(kh), range(kw)):
+        gw[:, :, i, j] = np.einsum("nohw,nchw->oc", gy.astype(np.float64), xpad[:, :, i : i + Ho, j : j + Wo])
+    return gw
+
+
+@st.composite
+def weight_grad_cases(draw):
+    """Kernels 1-5 (any padding), 1-70 output channels (the native tiles hold 1-4 vectors of 4,
+    8 or 16 channels: every remainder), 1-5 input channels (rows C*kh*kw: partial row tiles),
+    odd sizes, both dtypes, any layout of x and gy."""
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
+    H = draw(st.integers(max(1, kh - 2 * ph), 9))
+    W = draw(st.integers(max(1, kw - 2 * pw), 9))
+    N, C, out = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 70))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    layouts = st.sampled_from(["contiguous", "transposed", "strided"])
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = make_array(rng, (N, C, H, W), dtype, draw(layouts))
+    gy = make_array(rng, (N, out, H + 2 * ph - kh + 1, W + 2 * pw - kw + 1), dtype, draw(layouts))
+    return x, gy, (kh, kw), (ph, pw)
+
+
+@pytest.mark.parametrize("weight_grad", impls("conv2d_stride1_weight_grad"))
+@settings(deadline=None)
+@given(case=weight_grad_cases())
+def test_conv2d_stride1_weight_grad_matches_naive_loops(weight_grad, case):
+    x, gy, kernel_size, padding = case
+    gw = weight_grad(x, gy, kernel_size, padding)
+    assert gw.dtype == x.dtype and gw.shape == (gy.shape[1], x.shape[1], *kernel_size)
+    np.testing.assert_allclose(gw, naive_weight_grad(x, gy, kernel_size, padding), **TOL[x.dtype.type])
+
+
+@pytest.mark.parametrize("weight_grad", impls("conv2d_stride1_weight_grad", names=("native",)))
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, padding",
+    [
+        ((5, 7, 19, 23), 80, (3, 3), (1, 1)),  # 4 + 1 vectors of 16 channels, 63 rows
+        ((1, 5, 8, 8), 33, (3, 3), (1, 1)),  # one sample: one thread's partial sum
+        ((3, 4, 16, 16), 48, (5, 3), (2, 0)),
+        ((2, 3, 33, 30), 16, (2, 4), (0, 3)),
+        ((4, 1, 12, 12), 1, (3, 3), (1, 1)),  # one output channel: 15 zero lanes
+    ],
+)
+def test_native_conv2d_stride1_weight_grad_at_vector_sizes(weight_grad, shape, out_channels, kernel, padding):
+    """Planes of many positions, every tile shape and remainder: against the reference."""
+    rng = np.random.default_rng(sum(shape) + out_channels)
+    x = rng.standard_normal(shape).astype(np.float32)
+    Ho, Wo = shape[2] + 2 * padding[0] - kernel[0] + 1, shape[3] + 2 * padding[1] - kernel[1] + 1
+    gy = rng.standard_normal((shape[0], out_channels, Ho, Wo)).astype(np.float32)
+    expected = naive_weight_grad(x, gy, kernel, padding)
+    # float32 sums of N*Ho*Wo products: relative to the size of the terms, not of the result
+    scale = np.sqrt(shape[0] * Ho * Wo)
+    np.testing.assert_allclose(weight_grad(x, gy, kernel, padding), expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_reference_conv2d_stride1_weight_grad_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, weight = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, 3, 2))
+    gy = rng.standard_normal((2, 4, 7, 7))
+    tw = torch.from_numpy(weight).requires_grad_()
+    torch.nn.functional.conv2d(torch.from_numpy(x), tw, padding=(1, 1)).backward(torch.from_numpy(gy))
+    gw = kernels.implementations("conv2d_stride1_weight_grad")["reference"](x, gy, (3, 2), (1, 1))
+    np.testing.assert_allclose(gw, tw.grad.numpy(), **TOL[np.float64])
+
+
+@pytest.mark.parametrize("weight_grad", impls("conv2d_stride1_weight_grad"))
+def test_conv2d_stride1_weight_grad_rejects_bad_input(weight_grad):
+    fn = "conv2d_stride1_weight_grad"
+    x, gy = np.zeros((2, 2, 4, 4), np.float32), np.zeros((2, 3, 4, 4), np.float32)
+    with pytest.raises(TypeError, match=f"{fn}: all arrays must have the same dtype"):
+        weight_grad(x, gy.astype(np.float64), (3, 3), (1, 1))
+    with pytest.raises(TypeError, match=f"{fn}: x has dtype int64"):
+        weight_grad(x.astype(np.int64), gy, (3, 3), (1, 1))
+    with pytest.raises(ValueError, match=r"same N, got x \(2, 2, 4, 4\) and gy \(1, 3, 4, 4\)"):
+        weight_grad(x, gy[:1], (3, 3), (1, 1))
+    with pytest.raises(ValueError, match=r"gy \(2, 3, 4, 4\) does not match x .* outputs of 2x2"):
+        weight_grad(x, gy, (3, 3), (0, 0))
+    with pytest.raises(ValueError, match="does not fit"):
+        weight_grad(x, gy, (7, 3), (1, 1))
+
+
 @pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])
 def test_native_extension_never_casts_or_copies_silently():
     from minidiff import _native
@@ -312,3 +408,9 @@ def test_native_extension_never_casts_or_copies_silently():
         _native.conv2d_direct(x.astype(np.float64), w.astype(np.float64), 1, 1)
     with pytest.raises(ValueError, match="same C"):
         _native.conv2d_direct(x, np.zeros((3, 1, 3, 3), np.float32), 1, 1)
+    gy = np.zeros((1, 3, 4, 4), np.float32)
+    assert _native.conv2d_direct_weight_grad(x, gy, 3, 3, 1, 1).shape == (3, 2, 3, 3)
+    with pytest.raises(TypeError):
+        _native.conv2d_direct_weight_grad(x.astype(np.float64), gy.astype(np.float64), 3, 3, 1, 1)
+    with pytest.raises(ValueError, match="spatial shape"):
+        _native.conv2d_direct_weight_grad(x, gy, 3, 3, 0, 0)

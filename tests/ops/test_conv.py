@@ -145,8 +145,9 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
 )
 @pytest.mark.parametrize("kernel, padding, out_channels", [(3, 1, 5), (3, 0, 4), (5, 2, 9), (2, 1, 6)])
 def test_conv2d_direct_path_matches_unfolding(monkeypatch, kernel, padding, out_channels):
-    """float32 stride-1 convs run the direct kernel forward and for the input gradient; values
-    and gradients agree with the unfolding path and with the definition."""
+    """float32 stride-1 convs run the direct kernel forward and for the input gradient, and the
+    direct weight gradient; values and gradients agree with the unfolding path and with the
+    definition."""
     rng = np.random.default_rng(kernel * 10 + out_channels)
     x = rng.standard_normal((3, 6, 9, 11)).astype(np.float32)
     w = rng.standard_normal((out_channels, 6, kernel, kernel)).astype(np.float32)
@@ -163,11 +164,17 @@ def test_conv2d_direct_path_matches_unfolding(monkeypatch, kernel, padding, out_
         (out * md.tensor(gy.astype(np.float32))).sum().backward()
         return out.numpy(), tx.grad, tw.grad, tb.grad
 
-    calls = []
-    direct = kernels.conv2d_stride1
+    calls, weight_grad_calls = [], []
+    direct, direct_weight_grad = kernels.conv2d_stride1, kernels.conv2d_stride1_weight_grad
     monkeypatch.setattr(kernels, "conv2d_stride1", lambda *a: calls.append(a[1].shape) or direct(*a))
+    monkeypatch.setattr(
+        kernels,
+        "conv2d_stride1_weight_grad",
+        lambda *a: weight_grad_calls.append(a[2]) or direct_weight_grad(*a),
+    )
     got = run()
     assert len(calls) == 2  # forward, and the input gradient with the flipped kernel
+    assert weight_grad_calls == [(kernel, kernel)]
     with kernels.use("numba"):  # no numba direct kernel: im2col and matrix products
         unfolded = run()
     for a, e in zip(got, unfolded):
