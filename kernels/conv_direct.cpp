@@ -1,18 +1,22 @@
 // Direct 2-D convolution at stride 1 in float32: no columns, the input is read in place.
 //
-// The trick is a flat padded plane. xpad[c] is x[c] zero-padded to (Hp, Wp) = (H + 2ph, W + 2pw)
-// and flattened (plus a zeroed tail). At the flat output position q = oy*Wp + ox, kernel tap
-// t = (i, j) reads xpad[c, q + shift_t] with shift_t = i*Wp + j, one constant per tap:
+// The trick is a flat padded plane. xpad[c] is x[c] zero-padded and flattened with a row stride
+// S = W + gap (plus zeroed rows above and below, and a zeroed tail): the zeros after one row's
+// data are the right padding of that row and the left padding of the next, so gap = pw is
+// enough (more only when pw >= kw). At the flat output position q = oy*S + ox, kernel tap
+// t = (i, j) reads xpad[c, q + shift_t] with shift_t = i*S + j, one constant per tap:
 //
 //     y[o, q] = sum_c sum_t w[o, c, t] * xpad[c, q + shift_t]
 //
-// This is the convolution wherever ox < Wo. The kw - 1 positions per row with ox >= Wo read
-// across the row end and are dropped: the price of inner loops with no borders at all (2/34 of
-// the work for a 32-wide image, 2/10 for an 8-wide one). So a run of VW consecutive outputs of
-// one channel is a plain vector load of the input per tap, whatever the image width.
+// This is the convolution wherever ox < Wo. The S - Wo positions per row with ox >= Wo read
+// across the row end and are dropped: the price of inner loops with no borders at all (1/33 of
+// the work for a 32-wide image with a 3x3 kernel, 1/9 for an 8-wide one). So a run of VW
+// consecutive outputs of one channel is a plain vector load of the input per tap, whatever the
+// image width.
 //
 // A register tile holds OB output channels x PV vectors of positions; per (c, tap), PV loads
-// and OB broadcast weights feed OB*PV fused multiply-adds. The input gradient of a stride-1
+// and OB broadcast weights feed OB*PV fused multiply-adds. The last tile of a plane has only
+// the vectors it needs. The accumulators start from the bias. The input gradient of a stride-1
 // convolution is the same computation (gy convolved with the kernel flipped, padded k - 1 - p).
 //
 // The readable reference is im2col followed by a matrix product (minidiff/kernels/conv.py).
@@ -50,15 +54,15 @@ MINIDIFF_INLINE typename Lanes<VW>::type load(const float* p) {
     return v;
 }
 
-// Zeroed floats after each padded plane: the last tile of a plane (at most 5 x 16 positions)
-// reads this far past it, plus the kernel width.
-constexpr int64_t kTailFloats = 128;
+// Zeroed floats after each padded plane: the last vector of a plane reads up to 15 positions
+// past the outputs, plus the kernel width and the padding below.
+constexpr int64_t kTailFloats = 32;
 
 struct FlatGeometry {
     int64_t C, H, W, O, kh, kw, ph, pw;
-    int64_t Hp, Wp, Ho, Wo;
+    int64_t Hp, S, Ho, Wo;
     int64_t taps;     // kh * kw
-    int64_t outputs;  // Ho * Wp flat output positions per plane, dropped columns included
+    int64_t outputs;  // Ho * S flat output positions per plane, dropped columns included
     int64_t plane;    // floats per padded input plane, tail included (a multiple of 16)
     std::vector<int64_t> shift;
 
@@ -66,25 +70,27 @@ struct FlatGeometry {
                  int64_t kw_, int64_t ph_, int64_t pw_)
         : C(C_), H(H_), W(W_), O(O_), kh(kh_), kw(kw_), ph(ph_), pw(pw_) {
         Hp = H + 2 * ph;
-        Wp = W + 2 * pw;
         Ho = Hp - kh + 1;
-        Wo = Wp - kw + 1;
+        Wo = W + 2 * pw - kw + 1;
+        // Row r's last read is column Wo - 1 + kw - 1 = W + 2pw - 1 of the padded row, which must
+        // be a zero before row r+1's data: gap >= pw. And the Wo outputs must fit in a row.
+        S = W + std::max(pw, 2 * pw - kw + 1);
         taps = kh * kw;
-        outputs = Ho * Wp;
-        plane = (Hp * Wp + kTailFloats + kw + 15) / 16 * 16;
+        outputs = Ho * S;
+        plane = (Hp * S + pw + kw + kTailFloats + 15) / 16 * 16;
         for (int64_t i = 0; i < kh; ++i)
-            for (int64_t j = 0; j < kw; ++j) shift.push_back(i * Wp + j);
+            for (int64_t j = 0; j < kw; ++j) shift.push_back(i * S + j);
     }
 };
 
-// x[c] (H, W) -> its flat padded plane, tail zeroed.
+// x[c] (H, W) -> its flat padded plane: ph zero rows and pw zeros, then each row's data
+// followed by S - W zeros, then zeros to the end of the plane.
 void pad_plane(const float* src, float* dst, const FlatGeometry& g) {
-    std::fill(dst, dst + g.ph * g.Wp, 0.0f);
-    float* row = dst + g.ph * g.Wp;
-    for (int64_t h = 0; h < g.H; ++h, row += g.Wp, src += g.W) {
-        std::fill(row, row + g.pw, 0.0f);
-        std::memcpy(row + g.pw, src, g.W * sizeof(float));
-        std::fill(row + g.pw + g.W, row + g.Wp, 0.0f);
+    float* row = dst + g.ph * g.S + g.pw;
+    std::fill(dst, row, 0.0f);
+    for (int64_t h = 0; h < g.H; ++h, row += g.S, src += g.W) {
+        std::memcpy(row, src, g.W * sizeof(float));
+        std::fill(row + g.W, row + g.S, 0.0f);
     }
     std::fill(row, dst + g.plane, 0.0f);
 }
@@ -109,23 +115,26 @@ std::vector<float> pack_weight(const float* w, const FlatGeometry& g, int64_t OB
 MINIDIFF_INLINE void store_kept(const float* buf, int64_t p0, int64_t p1, float* y,
                                 const FlatGeometry& g) {
     for (int64_t q = p0; q < p1;) {
-        const int64_t oy = q / g.Wp, ox = q - oy * g.Wp;
+        const int64_t oy = q / g.S, ox = q - oy * g.S;
         if (ox < g.Wo) {
-            const int64_t end = std::min(p1, oy * g.Wp + g.Wo);
+            const int64_t end = std::min(p1, oy * g.S + g.Wo);
             std::memcpy(y + oy * g.Wo + ox, buf + (q - p0), (end - q) * sizeof(float));
         }
-        q = (oy + 1) * g.Wp;
+        q = (oy + 1) * g.S;
     }
 }
 
-// y[o0 .. o0+OB, positions p0 .. p0 + PV*VW) of one sample, from its padded planes xpad.
+// y[o0 .. o0+OB, positions p0 .. p0 + PV*VW) of one sample, from its padded planes xpad;
+// bias: the block's OB biases, or null.
 template <int VW, int OB, int PV>
-MINIDIFF_INLINE void forward_tile(const float* xpad, const float* wblock, int64_t p0, float* y,
-                                  const FlatGeometry& g) {
+MINIDIFF_INLINE void forward_tile(const float* xpad, const float* wblock, const float* bias,
+                                  int64_t p0, float* y, const FlatGeometry& g) {
     typedef typename Lanes<VW>::type V;
     V acc[OB][PV];
-    for (int o = 0; o < OB; ++o)
-        for (int v = 0; v < PV; ++v) acc[o][v] = V{};
+    for (int o = 0; o < OB; ++o) {
+        const V start = (bias ? bias[o] : 0.0f) - V{};
+        for (int v = 0; v < PV; ++v) acc[o][v] = start;
+    }
     const int64_t T = g.taps;
     const int64_t* shift = g.shift.data();
     for (int64_t c = 0; c < g.C; ++c) {
@@ -152,26 +161,41 @@ MINIDIFF_INLINE void forward_tile(const float* xpad, const float* wblock, int64_
     }
 }
 
+// All positions of OB output channels: tiles of PV vectors, then one of the vectors left.
+template <int VW, int OB, int PV>
+MINIDIFF_INLINE void forward_channels(const float* xpad, const float* wblock, const float* bias,
+                                      float* y, const FlatGeometry& g) {
+    int64_t p0 = 0;
+    for (; p0 + PV * VW <= g.outputs; p0 += PV * VW) forward_tile<VW, OB, PV>(xpad, wblock, bias, p0, y, g);
+    const int64_t left = (g.outputs - p0 + VW - 1) / VW;  // 0 to PV vectors
+    static_assert(PV <= 5, "the remainder switch covers up to 5 vectors");
+    switch (left) {
+        case 1: forward_tile<VW, OB, 1>(xpad, wblock, bias, p0, y, g); break;
+        case 2: if constexpr (PV >= 2) forward_tile<VW, OB, 2>(xpad, wblock, bias, p0, y, g); break;
+        case 3: if constexpr (PV >= 3) forward_tile<VW, OB, 3>(xpad, wblock, bias, p0, y, g); break;
+        case 4: if constexpr (PV >= 4) forward_tile<VW, OB, 4>(xpad, wblock, bias, p0, y, g); break;
+        case 5: if constexpr (PV >= 5) forward_tile<VW, OB, 5>(xpad, wblock, bias, p0, y, g); break;
+    }
+}
+
 // Output channels [o_lo, o_hi) of sample n. xpad: a scratch of C planes.
 template <int VW, int OB, int PV>
-MINIDIFF_INLINE void forward_task(const float* x, const float* packed, float* y,
+MINIDIFF_INLINE void forward_task(const float* x, const float* packed, const float* bias, float* y,
                                   const FlatGeometry& g, int64_t n, int64_t o_lo, int64_t o_hi,
                                   float* xpad) {
     for (int64_t c = 0; c < g.C; ++c) pad_plane(x + (n * g.C + c) * g.H * g.W, xpad + c * g.plane, g);
     float* yn = y + n * g.O * g.Ho * g.Wo;
-    const int64_t CT = g.C * g.taps, full = g.O / OB * OB;
+    const int64_t CT = g.C * g.taps, full = g.O / OB * OB, plane = g.Ho * g.Wo;
     int64_t o = o_lo;
     for (; o + OB <= std::min(o_hi, full); o += OB)
-        for (int64_t p0 = 0; p0 < g.outputs; p0 += PV * VW)
-            forward_tile<VW, OB, PV>(xpad, packed + o * CT, p0, yn + o * g.Ho * g.Wo, g);
+        forward_channels<VW, OB, PV>(xpad, packed + o * CT, bias ? bias + o : nullptr, yn + o * plane, g);
     for (; o < o_hi; ++o)  // the remainder, one channel at a time
-        for (int64_t p0 = 0; p0 < g.outputs; p0 += PV * VW)
-            forward_tile<VW, 1, PV>(xpad, packed + o * CT, p0, yn + o * g.Ho * g.Wo, g);
+        forward_channels<VW, 1, PV>(xpad, packed + o * CT, bias ? bias + o : nullptr, yn + o * plane, g);
 }
 
 // -- The weight gradient ----------------------------------------------------------------------
 //
-//     gw[o, c, t] = sum_n sum_{oy < Ho, ox < Wo} gy[n, o, oy, ox] * xpad[n, c, oy*Wp + ox + shift_t]
+//     gw[o, c, t] = sum_n sum_{oy < Ho, ox < Wo} gy[n, o, oy, ox] * xpad[n, c, oy*S + ox + shift_t]
 //
 // a matrix product (O x positions) @ (positions x C*T) whose right operand is never built: its
 // row (c, t) is the padded plane c read from shift_t on. Here the vector lanes run over output
@@ -225,7 +249,7 @@ MINIDIFF_INLINE void weight_grad_tile(const WeightGradPlan& pl, int64_t row0, in
         for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
     const float* gy_row = pl.gyt + vec0 * VW;
     for (int64_t oy = 0; oy < g.Ho; ++oy, gy_row += g.Wo * pl.Opad) {
-        const int64_t base = oy * g.Wp;
+        const int64_t base = oy * g.S;
         for (int64_t ox = 0; ox < g.Wo; ++ox) {
             Vec gv[V];
 #pragma GCC unroll 8
@@ -274,8 +298,8 @@ std::vector<WeightGradTile> weight_grad_tiles(int64_t K, int64_t Opad) {
     return tiles;
 }
 
-using ForwardTask = void (*)(const float*, const float*, float*, const FlatGeometry&, int64_t,
-                             int64_t, int64_t, float*);
+using ForwardTask = void (*)(const float*, const float*, const float*, float*, const FlatGeometry&,
+                             int64_t, int64_t, int64_t, float*);
 
 // One instruction set's kernel and tile height (output channels per tile).
 using WeightGradTiles = void (*)(const WeightGradPlan&, const WeightGradTile*, int64_t, int64_t);
@@ -295,9 +319,9 @@ struct DirectConvKernels {
 #if defined(__GNUC__) && defined(__x86_64__)
 #define MINIDIFF_DIRECT_ISA(name, target_attr, VW, OB, PV)                                      \
     __attribute__((target(target_attr))) void forward_##name(                                     \
-        const float* x, const float* p, float* y, const FlatGeometry& g, int64_t n, int64_t lo,   \
-        int64_t hi, float* xpad) {                                                                \
-        forward_task<VW, OB, PV>(x, p, y, g, n, lo, hi, xpad);                                    \
+        const float* x, const float* p, const float* b, float* y, const FlatGeometry& g,          \
+        int64_t n, int64_t lo, int64_t hi, float* xpad) {                                         \
+        forward_task<VW, OB, PV>(x, p, b, y, g, n, lo, hi, xpad);                                 \
     }                                                                                             \
     __attribute__((target(target_attr))) void weight_grad_##name(                                 \
         const WeightGradPlan& pl, const WeightGradTile* tiles, int64_t lo, int64_t hi) {          \
@@ -307,9 +331,9 @@ MINIDIFF_DIRECT_ISA(avx512, "avx512f,fma", 16, 4, 5)
 MINIDIFF_DIRECT_ISA(avx2, "avx2,fma", 8, 3, 3)
 #endif
 
-void forward_baseline(const float* x, const float* p, float* y, const FlatGeometry& g, int64_t n,
-                      int64_t lo, int64_t hi, float* xpad) {
-    forward_task<4, 3, 3>(x, p, y, g, n, lo, hi, xpad);
+void forward_baseline(const float* x, const float* p, const float* b, float* y, const FlatGeometry& g,
+                      int64_t n, int64_t lo, int64_t hi, float* xpad) {
+    forward_task<4, 3, 3>(x, p, b, y, g, n, lo, hi, xpad);
 }
 
 void weight_grad_baseline(const WeightGradPlan& pl, const WeightGradTile* tiles, int64_t lo,
@@ -348,8 +372,8 @@ int max_threads() {
 
 const char* conv2d_direct_isa() { return direct_conv_kernels().isa; }
 
-void conv2d_direct(const float* x, const float* w, float* y, int64_t N, int64_t C, int64_t H,
-                   int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
+void conv2d_direct(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t C,
+                   int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
     const FlatGeometry g(C, H, W, O, kh, kw, ph, pw);
     const DirectConvKernels& k = direct_conv_kernels();
     const std::vector<float> packed = pack_weight(w, g, k.block);
@@ -366,7 +390,7 @@ void conv2d_direct(const float* x, const float* w, float* y, int64_t N, int64_t 
             const int64_t n = task / groups, grp = task % groups;
             const int64_t lo = std::min(O, blocks * grp / groups * k.block);
             const int64_t hi = std::min(O, blocks * (grp + 1) / groups * k.block);
-            if (lo < hi) k.forward(x, packed.data(), y, g, n, lo, hi, xpad.data());
+            if (lo < hi) k.forward(x, packed.data(), bias, y, g, n, lo, hi, xpad.data());
         }
     }
 }

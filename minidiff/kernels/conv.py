@@ -16,7 +16,7 @@ CUDA col2im gives each pixel of x a thread that gathers the entries taken from i
 the reference's loops (kernel row, then kernel column) and in the data's dtype: the reference's
 sums, to the bit, without atomic additions.
 
-``conv2d_stride1(x, weight, padding)`` is the whole stride-1 convolution and
+``conv2d_stride1(x, weight, padding, bias=None)`` is the whole stride-1 convolution and
 ``conv2d_stride1_weight_grad(x, gy, kernel_size, padding)`` its weight gradient. Their references
 unfold and multiply as above; the native versions (kernels/conv_direct.cpp, float32) read the
 padded input in place, with no columns: each kernel tap is a constant shift of the flattened
@@ -101,27 +101,35 @@ def col2im_reference(cols, x_shape, kh, kw, stride, padding):
     return xp.ascontiguousarray(xpad[:, :, ph : ph + H, pw : pw + W])
 
 
-def _check_stride1(fn, x, weight, padding):
-    """Check x (N, C, H, W), weight (O, C, kh, kw) and padding; return ``(kh, kw, (ph, pw))``."""
-    float_dtype(fn, x=x, weight=weight)
+def _check_stride1(fn, x, weight, padding, bias=None):
+    """Check x (N, C, H, W), weight (O, C, kh, kw), padding and bias (O,) or None; return
+    ``(kh, kw, (ph, pw))``."""
+    arrays = dict(x=x, weight=weight) if bias is None else dict(x=x, weight=weight, bias=bias)
+    float_dtype(fn, **arrays)
     if weight.ndim != 4 or x.ndim != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"{fn}: need x (N, C, H, W) and weight (O, C, kh, kw) with the same C, "
             f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
         )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"{fn}: bias must have shape (O,) = ({len(weight)},), got {tuple(bias.shape)}")
     kh, kw = weight.shape[2:]
     *_, padding = conv_output_size(fn, x.shape, kh, kw, (1, 1), padding)
     return kh, kw, padding
 
 
 @register("conv2d_stride1", "reference")
-def conv2d_stride1_reference(x, weight, padding):
+def conv2d_stride1_reference(x, weight, padding, bias=None):
     """Stride-1 convolution ``(N, O, Ho, Wo)`` of x ``(N, C, H, W)`` by weight ``(O, C, kh, kw)``
-    with zero padding: the columns of every sample times the weight as a matrix."""
-    kh, kw, padding = _check_stride1("conv2d_stride1", x, weight, padding)
+    with zero padding, plus bias ``(O,)`` if given: the columns of every sample times the weight
+    as a matrix."""
+    kh, kw, padding = _check_stride1("conv2d_stride1", x, weight, padding, bias)
     cols = im2col_reference(x, kh, kw, (1, 1), padding)  # (N, C*kh*kw, Ho*Wo)
     Ho, Wo = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
-    return (weight.reshape(len(weight), -1) @ cols).reshape(len(x), len(weight), Ho, Wo)
+    y = weight.reshape(len(weight), -1) @ cols
+    if bias is not None:
+        y += bias[:, None]
+    return y.reshape(len(x), len(weight), Ho, Wo)
 
 
 def _check_stride1_weight_grad(fn, x, gy, kernel_size, padding):
@@ -228,13 +236,16 @@ def col2im_native(cols, x_shape, kh, kw, stride, padding):
 
 
 @register("conv2d_stride1", "native")
-def conv2d_stride1_native(x, weight, padding):
+def conv2d_stride1_native(x, weight, padding, bias=None):
     """The direct kernel of kernels/conv_direct.cpp (no columns) for float32; float64, the
     precision path of the gradient checks, runs the reference."""
-    _, _, (ph, pw) = _check_stride1("conv2d_stride1", x, weight, padding)
+    _, _, (ph, pw) = _check_stride1("conv2d_stride1", x, weight, padding, bias)
     if x.dtype != np.float32:
-        return conv2d_stride1_reference(x, weight, (ph, pw))
-    return native.conv2d_direct(np.ascontiguousarray(x), np.ascontiguousarray(weight), ph, pw)
+        return conv2d_stride1_reference(x, weight, (ph, pw), bias)
+    contiguous = np.ascontiguousarray
+    return native.conv2d_direct(
+        contiguous(x), contiguous(weight), ph, pw, None if bias is None else contiguous(bias)
+    )
 
 
 @register("conv2d_stride1_weight_grad", "native")

@@ -37,8 +37,9 @@ class Conv2d(Function):
         w2 = weight.reshape(o, -1)
         if self._is_pointwise(kh, kw):  # a 1x1 conv needs no unfolding
             y = w2 @ x.reshape(n, c, h * w)
-        elif self._runs_direct(x, weight):
-            y = kernels.conv2d_stride1(x, weight, padding).reshape(n, o, ho * wo)
+        elif self._runs_direct(x, weight) and (bias is None or bias.dtype == np.float32):
+            y = kernels.conv2d_stride1(x, weight, padding, bias).reshape(n, o, ho * wo)
+            bias = None  # added by the kernel
         else:
             xp = get_array_module(x)
             # (N, O, Ho*Wo): already NCHW order

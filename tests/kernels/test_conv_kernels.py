@@ -218,17 +218,21 @@ def stride1_cases(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = make_array(rng, (N, C, H, W), dtype, draw(layouts))
     weight = make_array(rng, (out, C, kh, kw), dtype, draw(layouts))
-    return x, weight, (ph, pw)
+    bias = draw(st.sampled_from([None, make_array(rng, (out,), dtype, draw(layouts))]))
+    return x, weight, (ph, pw), bias
 
 
 @pytest.mark.parametrize("conv", impls("conv2d_stride1"))
 @settings(deadline=None)
 @given(case=stride1_cases())
 def test_conv2d_stride1_matches_naive_loops(conv, case):
-    x, weight, padding = case
-    y = conv(x, weight, padding)
+    x, weight, padding, bias = case
+    y = conv(x, weight, padding, bias)
     assert y.dtype == x.dtype
-    np.testing.assert_allclose(y, naive_conv2d(x, weight, (1, 1), padding), **TOL[x.dtype.type])
+    expected = naive_conv2d(x, weight, (1, 1), padding)
+    if bias is not None:
+        expected += bias[:, None, None]
+    np.testing.assert_allclose(y, expected, **TOL[x.dtype.type])
 
 
 @pytest.mark.parametrize("conv", impls("conv2d_stride1", names=("native",)))
@@ -239,15 +243,23 @@ def test_conv2d_stride1_matches_naive_loops(conv, case):
         ((1, 5, 8, 8), 16, (3, 3), (1, 1)),  # one sample: the channels are split between threads
         ((3, 4, 16, 16), 6, (5, 3), (2, 0)),
         ((2, 3, 33, 30), 8, (2, 4), (0, 3)),
+        ((3, 6, 8, 8), 9, (3, 3), (1, 1)),  # 8 x 9 = 72 positions: one tile of 5 vectors, 4.5 used
+        ((2, 2, 16, 16), 5, (3, 3), (1, 1)),  # 16 x 17 = 272: 3 tiles of 5 vectors, then 2
+        ((2, 3, 5, 7), 4, (3, 3), (1, 1)),  # 5 x 8 = 40: a tile of 3 vectors
     ],
 )
 def test_native_conv2d_stride1_at_vector_sizes(conv, shape, out_channels, kernel, padding):
-    """Planes wider than one vector tile, every output-channel split: against the reference."""
+    """Planes wider than one vector tile, the last tile of every length, every output-channel
+    split, with and without the bias: against the reference."""
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape).astype(np.float32)
     weight = rng.standard_normal((out_channels, shape[1], *kernel)).astype(np.float32)
-    expected = kernels.implementations("conv2d_stride1")["reference"](x, weight, padding)
-    np.testing.assert_allclose(conv(x, weight, padding), expected, **TOL[np.float32])
+    bias = rng.standard_normal(out_channels).astype(np.float32)
+    reference = kernels.implementations("conv2d_stride1")["reference"]
+    for b in (None, bias):
+        np.testing.assert_allclose(
+            conv(x, weight, padding, b), reference(x, weight, padding, b), **TOL[np.float32]
+        )
 
 
 @pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])
@@ -294,6 +306,10 @@ def test_conv2d_stride1_rejects_bad_input(conv):
         conv(x, np.zeros((3, 2, 7, 3), np.float32), (1, 1))
     with pytest.raises(ValueError, match="padding"):
         conv(x, weight, (-1, 0))
+    with pytest.raises(ValueError, match=r"conv2d_stride1: bias must have shape \(O,\) = \(3,\), got \(2,\)"):
+        conv(x, weight, (1, 1), np.zeros(2, np.float32))
+    with pytest.raises(TypeError, match="conv2d_stride1: all arrays must have the same dtype"):
+        conv(x, weight, (1, 1), np.zeros(3, np.float64))
 
 
 # -- conv2d_stride1_weight_grad: the direct weight gradient -------------------------------------
@@ -404,6 +420,9 @@ def test_native_extension_never_casts_or_copies_silently():
         _native.im2col(x, 7, 3, 2, 1, 1, 0)
     w = np.zeros((3, 2, 3, 3), np.float32)
     assert _native.conv2d_direct(x, w, 1, 1).shape == (1, 3, 4, 4)
+    assert _native.conv2d_direct(x, w, 1, 1, np.ones(3, np.float32)).min() == 1
+    with pytest.raises(ValueError, match="bias must have shape"):
+        _native.conv2d_direct(x, w, 1, 1, np.ones(4, np.float32))
     with pytest.raises(TypeError):  # float32 only: the Python wrapper sends float64 elsewhere
         _native.conv2d_direct(x.astype(np.float64), w.astype(np.float64), 1, 1)
     with pytest.raises(ValueError, match="same C"):
