@@ -165,18 +165,9 @@ def main(argv=None) -> int:
 
 def unet_step(args, xp, sync, median_ms) -> dict:
     """The bench/unet.py model on the GPU: minidiff, then PyTorch eager when it has CUDA."""
-    sys.path.insert(0, str(HERE))
-    from unet import make_steps
+    from minidiff.unet_benchmark import make_steps, unet_config
 
-    cfg = dict(
-        in_channels=1,
-        base_channels=32,
-        channel_mults=(1, 2, 2),
-        num_res_blocks=1,
-        attn_resolutions=(8,),
-        image_size=32,
-        norm_groups=8,
-    )
+    cfg = unet_config()
     if args.simulate:  # a toy model; the simulator has no CuPy, so it runs on NumPy arrays
         cfg.update(base_channels=8, channel_mults=(1, 2), attn_resolutions=(), image_size=8, norm_groups=4)
     device = "cpu" if args.simulate else "cuda"

@@ -715,7 +715,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_json: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser, default_json: str | None) -> None:
     """The options of ``bench/kernels.py`` and ``minidiff bench`` (the same for both)."""
     parser.add_argument(
         "--ops",
@@ -733,7 +733,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_json: str) -> None:
         "--quick", action="store_true", help="one shape per op, few repeats, shorter ceiling runs"
     )
     parser.add_argument(
-        "--json", default=default_json, help=f"where to write the JSON (default: {default_json})"
+        "--json",
+        default=default_json,
+        help=f"where to write the JSON (default: {default_json})"
+        if default_json
+        else "where to write the JSON (default: minidiff-bench.json; with --unet, minidiff-bench-unet.json)",
     )
     parser.add_argument(
         "--shapes",

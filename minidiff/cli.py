@@ -177,8 +177,29 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from minidiff import benchmark
+    if args.unet:
+        from minidiff import unet_benchmark
 
+        kernel_only = [name for name, given in (("--ops", args.ops), ("--quick", args.quick)) if given]
+        kernel_only += ["--shapes"] if args.shapes != "full" else []
+        if kernel_only:
+            print(f"minidiff bench: {', '.join(kernel_only)} only apply without --unet", file=sys.stderr)
+            return 2
+
+        try:
+            return unet_benchmark.run_from_args(args)
+        except RuntimeError as exc:  # no PyTorch, or a failed measurement process
+            print(f"minidiff bench --unet: {exc}", file=sys.stderr)
+            return 1
+    from minidiff import benchmark
+    from minidiff.unet_benchmark import OPTION_DEFAULTS
+
+    unet_only = [f"--{k.replace('_', '-')}" for k, v in OPTION_DEFAULTS.items() if getattr(args, k) != v]
+    if unet_only:
+        print(f"minidiff bench: {', '.join(unet_only)} only apply with --unet", file=sys.stderr)
+        return 2
+    if args.json is None:
+        args.json = "minidiff-bench.json"
     return benchmark.run_from_args(args)
 
 
@@ -263,16 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_eval)
 
     from minidiff.benchmark import add_arguments as add_bench_arguments
+    from minidiff.unet_benchmark import add_arguments as add_unet_bench_arguments
 
     bench = commands.add_parser(
         "bench",
-        help="time every kernel implementation against the reference and PyTorch",
+        help="time every kernel implementation (or, with --unet, the U-Net) against PyTorch",
         description="Measure this machine's ceilings (float32 GEMM GFLOP/s, copy GB/s), then every "
         "kernel op on realistic U-Net shapes with each implementation (reference, numba, native) and "
         "the same work in PyTorch if it is installed: median ms, ratios, GB/s and % of the ceiling. "
-        "Prints a table and writes JSON.",
+        "Prints a table and writes JSON. With --unet: the U-Net training step and sampling forward "
+        "pass against the same model in PyTorch (needs PyTorch), each in its own process, alternating.",
     )
-    add_bench_arguments(bench, default_json="minidiff-bench.json")
+    add_bench_arguments(bench, default_json=None)
+    bench.add_argument(
+        "--unet",
+        action="store_true",
+        help="the U-Net benchmark instead of the kernels (--repeats default 5; JSON default: "
+        "minidiff-bench-unet.json)",
+    )
+    add_unet_bench_arguments(bench, repeats_and_json=False)
     bench.set_defaults(run=cmd_bench)
     return parser
 

@@ -121,3 +121,61 @@ def test_cli_bench_runs(tmp_path):
 def test_module_does_not_import_torch():
     code = "import sys, minidiff.benchmark; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the U-Net benchmark (minidiff.unet_benchmark, bench/unet.py, ``minidiff bench --unet``) --------
+
+TINY_UNET = [
+    "--batch",
+    "2",
+    "--image-size",
+    "8",
+    "--channels",
+    "8",
+    "--mults",
+    "1",
+    "2",
+    "--norm-groups",
+    "4",
+]
+
+
+def test_cli_bench_unet_runs(tmp_path):
+    """A toy model, one round: both frameworks measured in their own processes, the same
+    parameter count, the ratios those of the times."""
+    pytest.importorskip("torch")
+    path = tmp_path / "unet.json"
+    args = ["bench", "--unet", *TINY_UNET, "--repeats", "1", "--rounds", "1", "--json", str(path)]
+    assert cli_main(args) == 0
+    report = json.loads(path.read_text())
+    assert report["config"]["batch"] == 2 and report["config"]["channel_mults"] == [1, 2]
+    mine, theirs = report["results"]["minidiff"], report["results"]["torch"]
+    assert mine["params"] == theirs["params"] > 0
+    for key in ("train_ms", "sample_ms", "peak_mb"):
+        assert mine[key] > 0 and theirs[key] > 0
+        assert report["ratios"][key] == pytest.approx(mine[key] / theirs[key])
+
+
+def test_cli_bench_options_of_the_other_mode_are_refused(capsys):
+    assert cli_main(["bench", "--batch", "4"]) == 2
+    assert "--batch only apply with --unet" in capsys.readouterr().err
+    assert cli_main(["bench", "--unet", "--ops", "softmax", "--quick"]) == 2
+    assert "--ops, --quick only apply without --unet" in capsys.readouterr().err
+
+
+def test_cli_bench_unet_without_torch_says_so(monkeypatch, capsys):
+    from minidiff import unet_benchmark
+
+    real_find_spec = unet_benchmark.importlib.util.find_spec
+    monkeypatch.setattr(
+        unet_benchmark.importlib.util,
+        "find_spec",
+        lambda name: None if name == "torch" else real_find_spec(name),
+    )
+    assert cli_main(["bench", "--unet", *TINY_UNET]) == 1
+    assert "compares against PyTorch, which is not installed" in capsys.readouterr().err
+
+
+def test_unet_benchmark_module_does_not_import_torch():
+    code = "import sys, minidiff.unet_benchmark, minidiff.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""The DDPM U-Net against an independent PyTorch implementation (tests/nn/torch_unet.py).
+"""The DDPM U-Net against an independent PyTorch implementation (minidiff/torch_unet.py).
 
 Every parameter of both models is set to the same random values (the zero-initialized layers
 included: with conv_out at zero the output would be trivially 0), then the forward output and
@@ -7,9 +7,6 @@ one training step's parameter gradients are compared as relative errors
 """
 
 from __future__ import annotations
-
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -22,8 +19,7 @@ from minidiff.testing import tolerance
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_unet import TorchUNet, sinusoidal_embedding  # noqa: E402
+from minidiff.torch_unet import TorchUNet, sinusoidal_embedding  # noqa: E402  (needs torch)
 
 REL = tolerance(np.float32)["rtol"]  # 1e-4
 

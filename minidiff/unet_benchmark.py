@@ -1,0 +1,269 @@
+"""The U-Net training step and sampling forward pass: minidiff against PyTorch.
+
+    python bench/unet.py                     # or, without the repository: minidiff bench --unet
+    python bench/unet.py --batch 64 --image-size 16 --mults 1 2
+
+The same architecture on both sides (minidiff.torch_unet, written independently; parameter
+counts are checked equal), the same batch: the median of repeated runs after warm-up, and the
+ratio minidiff / PyTorch (below 1 means minidiff is faster). Each framework runs in a fresh
+subprocess, with its own threading defaults, which also gives its peak resident memory during
+training. A shared machine's speed drifts over seconds to minutes, so the two alternate for
+--rounds rounds, and the ratio printed is the median of the rounds' ratios (each round's pair ran
+back to back). The default model is UNet(1, 32, (1, 2, 2), 1, (8,), 32, norm_groups=8) at batch
+32. Needs PyTorch (CPU build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def unet_config(channels=32, mults=(1, 2, 2), image_size=32, norm_groups=8) -> dict:
+    """The benchmarked model's keyword arguments (one input channel, one residual block per
+    level, attention at 8x8)."""
+    return dict(
+        in_channels=1,
+        base_channels=channels,
+        channel_mults=tuple(mults),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        image_size=image_size,
+        norm_groups=norm_groups,
+    )
+
+
+def median_ms(fn, repeats, warmup=2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def make_steps(framework, cfg, batch, seed=0, device="cpu"):
+    """(train_step, sample_forward, parameter count) for one framework, on ``device`` ("cpu" or
+    "cuda"; on "cuda" each step waits for the device to finish)."""
+    rng = np.random.default_rng(seed)
+    size, channels = cfg["image_size"], cfg["in_channels"]
+    x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
+    target = rng.standard_normal(x.shape).astype(np.float32)
+    t = rng.integers(0, 1000, batch)
+    if framework == "minidiff":
+        import minidiff
+        from minidiff import functional as F
+        from minidiff.optim import Adam
+
+        model = minidiff.nn.UNet(**cfg).to(device)
+        opt = Adam(model.parameters(), lr=1e-4)
+        xt, tt = minidiff.tensor(x, device=device), minidiff.tensor(target, device=device)
+        sync = minidiff.Device(device).xp.cuda.Device().synchronize if device != "cpu" else lambda: None
+
+        def train_step():
+            loss = F.mse_loss(model(xt, t), tt)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sync()
+
+        def sample_forward():
+            with minidiff.no_grad():
+                model(xt, t)
+            sync()
+
+        return train_step, sample_forward, model.num_parameters()
+
+    import torch
+
+    from minidiff.torch_unet import TorchUNet
+
+    model = TorchUNet(**cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    xt, tt, t_t = (torch.from_numpy(a).to(device) for a in (x, target, t))
+    sync = torch.cuda.synchronize if device != "cpu" else lambda: None
+
+    def train_step():
+        loss = ((model(xt, t_t) - tt) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync()
+
+    def sample_forward():
+        with torch.no_grad():
+            model(xt, t_t)
+        sync()
+
+    return train_step, sample_forward, sum(p.numel() for p in model.parameters())
+
+
+def measure(framework, cfg, batch, repeats) -> dict:
+    """Time the training step and the sampling forward pass; the peak resident memory
+    of this process (it runs nothing else) is that of the training steps."""
+    import resource
+
+    if framework == "torch":
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    train_step, sample_forward, params = make_steps(framework, cfg, batch)
+    result = {"params": params, "train_ms": median_ms(train_step, repeats)}
+    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["sample_ms"] = median_ms(sample_forward, repeats)
+    return result
+
+
+def measure_in_subprocess(framework, cfg, batch, repeats) -> dict:
+    """Each framework in a fresh process: its own threading defaults, its own peak memory."""
+    command = [sys.executable, "-m", "minidiff.unet_benchmark", "--worker", framework]
+    out = subprocess.run(
+        [*command, "--worker-args", json.dumps([cfg, batch, repeats])], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"the {framework} U-Net benchmark process failed:\n{out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(cfg, batch, repeats, rounds) -> dict:
+    """Alternate the two frameworks for ``rounds`` rounds; the report (JSON-ready)."""
+    if importlib.util.find_spec("torch") is None:
+        raise RuntimeError(
+            "the U-Net benchmark compares against PyTorch, which is not installed "
+            "(pip install torch==2.13.0, the CPU build)"
+        )
+    import torch
+
+    per_round = [
+        {fw: measure_in_subprocess(fw, cfg, batch, repeats) for fw in ("minidiff", "torch")}
+        for _ in range(rounds)
+    ]
+    if per_round[0]["minidiff"]["params"] != per_round[0]["torch"]["params"]:
+        raise RuntimeError(f"the two models' parameter counts differ: {per_round[0]}")
+    keys = ("train_ms", "sample_ms", "peak_mb")
+    results = {}
+    for fw in ("minidiff", "torch"):
+        results[fw] = {"params": per_round[0][fw]["params"]}
+        results[fw] |= {k: float(np.median([r[fw][k] for r in per_round])) for k in keys}
+    ratios = {k: float(np.median([r["minidiff"][k] / r["torch"][k] for r in per_round])) for k in keys}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "config": {**cfg, "batch": batch},
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "results": results,
+        "ratios": ratios,
+        "rounds": per_round,
+    }
+
+
+def format_report(report) -> str:
+    cfg, md, pt = report["config"], report["results"]["minidiff"], report["results"]["torch"]
+    args = ", ".join(str(cfg[k]) for k in ("in_channels", "base_channels", "channel_mults", "num_res_blocks"))
+    lines = [
+        f"UNet({args}, {cfg['attn_resolutions']}, {cfg['image_size']}, norm_groups={cfg['norm_groups']}) "
+        f"batch {cfg['batch']}, {md['params']:,} parameters, median of {report['repeats']} per run, "
+        f"{len(report['rounds'])} alternating rounds"
+    ]
+    for name, key in (("training step (ms)", "train_ms"), ("sampling forward (ms)", "sample_ms")):
+        pairs = " ".join(f"{r['minidiff'][key]:.0f}/{r['torch'][key]:.0f}" for r in report["rounds"])
+        lines.append(f"  {name:<24} rounds (minidiff/PyTorch): {pairs}")
+    lines.append(f"{'':<26}{'minidiff':>12}{'PyTorch':>12}{'ratio':>8}")
+    rows = (
+        ("training step (ms)", "train_ms"),
+        ("sampling forward (ms)", "sample_ms"),
+        ("peak memory, train (MiB)", "peak_mb"),
+    )
+    for name, key in rows:
+        lines.append(f"{name:<26}{md[key]:>12.1f}{pt[key]:>12.1f}{report['ratios'][key]:>8.2f}")
+    return "\n".join(lines)
+
+
+# The model and schedule options and their defaults (the default config at batch 32).
+OPTION_DEFAULTS = dict(batch=32, image_size=32, channels=32, mults=[1, 2, 2], norm_groups=8, rounds=3)
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, repeats_and_json=True, default_json=None) -> None:
+    """The model and schedule options (``--repeats`` and ``--json`` too unless the parser has
+    them already, as ``minidiff bench`` does)."""
+    d = OPTION_DEFAULTS
+    group = parser.add_argument_group("the U-Net benchmark")
+    group.add_argument("--batch", type=positive_int, default=d["batch"], help="images per step (default 32)")
+    group.add_argument("--image-size", type=positive_int, default=d["image_size"], help="(default 32)")
+    group.add_argument(
+        "--channels", type=positive_int, default=d["channels"], help="base channels (default 32)"
+    )
+    group.add_argument(
+        "--mults",
+        type=positive_int,
+        nargs="+",
+        default=d["mults"],
+        help="channel multipliers (default 1 2 2)",
+    )
+    group.add_argument("--norm-groups", type=positive_int, default=d["norm_groups"], help="(default 8)")
+    group.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=d["rounds"],
+        help="minidiff/PyTorch pairs, alternating (default 3)",
+    )
+    if repeats_and_json:
+        group.add_argument(
+            "--repeats", type=positive_int, default=5, help="timed runs per measurement (default 5)"
+        )
+        group.add_argument(
+            "--json", default=default_json, help=f"where to write the JSON (default: {default_json})"
+        )
+
+
+def run_from_args(args, default_json="minidiff-bench-unet.json") -> int:
+    """Run what the parsed options ask, write the JSON, print the table last."""
+    cfg = unet_config(args.channels, args.mults, args.image_size, args.norm_groups)
+    report = run(cfg, args.batch, args.repeats or 5, args.rounds)
+    path = Path(args.json or default_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    print(format_report(report))
+    return 0
+
+
+def main(argv=None, *, prog=None, default_json="minidiff-bench-unet.json") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser, default_json=default_json)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:  # one framework's measurements, as the last line of stdout
+        print(json.dumps(measure(args.worker, *json.loads(args.worker_args))))
+        return 0
+    try:
+        return run_from_args(args, default_json)
+    except RuntimeError as exc:
+        parser.exit(1, f"{parser.prog}: {exc}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
