@@ -153,8 +153,12 @@ MINIDIFF_INLINE void forward_tile(const float* xpad, const float* wblock, const 
             }
         }
     }
-    alignas(64) float buf[PV * VW];
     const int64_t p1 = std::min(g.outputs, p0 + PV * VW);
+    if (g.S == g.Wo && p1 == p0 + PV * VW) {  // no dropped columns (a 1x1 kernel): y is the flat plane
+        for (int o = 0; o < OB; ++o) std::memcpy(y + o * g.Ho * g.Wo + p0, acc[o], sizeof acc[o]);
+        return;
+    }
+    alignas(64) float buf[PV * VW];
     for (int o = 0; o < OB; ++o) {
         std::memcpy(buf, acc[o], sizeof buf);
         store_kept(buf, p0, p1, y + o * g.Ho * g.Wo, g);

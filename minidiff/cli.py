@@ -57,6 +57,7 @@ def info_lines() -> list[str]:
     lines.append("process settings:")
     lines.append(f"  blas        {_blas_kernels()}")
     lines.append(f"  blas wait   {runtime.blas_note()}")
+    lines.append(f"  omp wait    {runtime.omp_note()}")
     lines.append(f"  malloc      {runtime.malloc_note()}")
     lines.append(f"kernels (selected: {kernels.current()}):")
     for name, (ok, why) in kernels.available().items():

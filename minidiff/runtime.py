@@ -3,7 +3,8 @@
 Three settings change how fast the CPU runs minidiff's kernels and array passes; none overrides
 a value the user set, and ``minidiff info`` reports them:
 
-- ``OMP_WAIT_POLICY=PASSIVE`` for the native kernels' OpenMP threads (see kernels/registry.py).
+- ``OMP_WAIT_POLICY=PASSIVE`` and ``GOMP_SPINCOUNT=3000`` for the native kernels' OpenMP
+  threads: idle workers spin briefly, then sleep (see kernels/registry.py).
 - ``OPENBLAS_THREAD_TIMEOUT=4`` for the OpenBLAS that NumPy multiplies matrices with: its idle
   threads then sleep at once instead of spinning for about 2^28 cycles (tens of milliseconds)
   after every product. A spinning BLAS thread holds a core that the native kernels' OpenMP
@@ -116,3 +117,10 @@ def malloc_note() -> str:
 def blas_note() -> str:
     """What minidiff did about OpenBLAS's idle threads, for ``minidiff info``."""
     return _state["blas"]
+
+
+def omp_note() -> str:
+    """How idle OpenMP workers wait (the variables as the OpenMP runtime read them)."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "(unset)")
+    spin = os.environ.get("GOMP_SPINCOUNT", "(unset)")
+    return f"OMP_WAIT_POLICY={policy}, GOMP_SPINCOUNT={spin} (idle workers spin that many times, then sleep)"

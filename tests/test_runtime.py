@@ -40,7 +40,7 @@ def test_info_reports_the_process_settings(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     settings = out[out.index("process settings:") :]
-    assert "blas" in settings and "malloc" in settings
+    assert "blas" in settings and "malloc" in settings and "GOMP_SPINCOUNT" in settings
 
 
 def _run(code, **env):
@@ -64,6 +64,19 @@ def test_the_user_can_keep_their_openblas_thread_timeout():
     code = _TIMEOUT_AND_NOTE
     value, note, _ = _run(code, OPENBLAS_THREAD_TIMEOUT="12")
     assert value == "12" and note == "OpenBLAS thread timeout as set (OPENBLAS_THREAD_TIMEOUT=12)"
+
+
+_OMP_NOTE = "import minidiff; print(minidiff.runtime.omp_note())"
+
+
+def test_import_sets_how_openmp_workers_wait():
+    (note, _) = _run(_OMP_NOTE, OMP_WAIT_POLICY=None, GOMP_SPINCOUNT=None)
+    assert note.startswith("OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=3000 ")
+
+
+def test_the_user_can_keep_their_openmp_wait_settings():
+    (note, _) = _run(_OMP_NOTE, OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="100")
+    assert note.startswith("OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT=100 ")
 
 
 # Thread states ("R" running, "S" sleeping) of this process's threads but the main one, a few

@@ -35,11 +35,11 @@ class Conv2d(Function):
         ho = (h + 2 * padding[0] - kh) // stride[0] + 1
         wo = (w + 2 * padding[1] - kw) // stride[1] + 1
         w2 = weight.reshape(o, -1)
-        if self._is_pointwise(kh, kw):  # a 1x1 conv needs no unfolding
-            y = w2 @ x.reshape(n, c, h * w)
-        elif self._runs_direct(x, weight) and (bias is None or bias.dtype == np.float32):
+        if self._runs_direct(x, weight) and (bias is None or bias.dtype == np.float32):
             y = kernels.conv2d_stride1(x, weight, padding, bias).reshape(n, o, ho * wo)
             bias = None  # added by the kernel
+        elif self._is_pointwise(kh, kw):  # a 1x1 conv needs no unfolding
+            y = w2 @ x.reshape(n, c, h * w)
         else:
             xp = get_array_module(x)
             # (N, O, Ho*Wo): already NCHW order
@@ -57,11 +57,12 @@ class Conv2d(Function):
         return kh == kw == 1 and self.stride == (1, 1) and self.padding == (0, 0)
 
     def _runs_direct(self, x, weight):
-        """Whether the direct kernel (kernels/conv_direct.cpp: no columns, 1.5-2.5x faster than
+        """Whether the direct kernels (kernels/conv_direct.cpp: no columns, 1.5-2.5x faster than
         unfolding then multiplying with AVX-512, on par with AVX2; slower without either, where
-        BLAS keeps the work) computes this stride-1 float32 convolution on the CPU. Padding below
-        the kernel size, so that the input gradient, the same convolution of gy with the kernel
-        flipped and padded k - 1 - p, runs it too."""
+        BLAS keeps the work) compute this stride-1 float32 convolution on the CPU, 1x1 included
+        (one kernel call instead of a small matrix product per sample). Padding below the kernel
+        size, so that the input gradient, the same convolution of gy with the kernel flipped and
+        padded k - 1 - p, runs it too."""
         kh, kw = weight.shape[2:]
         return (
             _DIRECT_IS_VECTORIZED
@@ -97,7 +98,8 @@ class Conv2d(Function):
         w2 = weight.reshape(o, -1)
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
         gx = gw = gb = None
-        if self._is_pointwise(kh, kw):
+        direct = gy.dtype == np.float32 and self._runs_direct(x, weight)
+        if self._is_pointwise(kh, kw) and not direct:
             cols = x.reshape(x.shape[0], x.shape[1], -1)
             if need_w:
                 gw = get_array_module(x).ascontiguousarray(_weight_grad_t(cols, g).T).reshape(weight.shape)
@@ -106,7 +108,6 @@ class Conv2d(Function):
         elif need_x or need_w:
             xp = get_array_module(x)
             n, c, h, w = x.shape
-            direct = gy.dtype == np.float32 and self._runs_direct(x, weight)
             direct_x = need_x and direct
             direct_w = need_w and direct and kernels.which("conv2d_stride1_weight_grad") == "native"
             as_conv = need_x and not direct_x and self._input_grad_is_a_conv(o, c, kh, kw)

@@ -143,11 +143,13 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
 @pytest.mark.skipif(
     kernels.which("conv2d_stride1") != "native", reason="the direct convolution needs the native kernels"
 )
-@pytest.mark.parametrize("kernel, padding, out_channels", [(3, 1, 5), (3, 0, 4), (5, 2, 9), (2, 1, 6)])
+@pytest.mark.parametrize(
+    "kernel, padding, out_channels", [(3, 1, 5), (3, 0, 4), (5, 2, 9), (2, 1, 6), (1, 0, 7)]
+)
 def test_conv2d_direct_path_matches_unfolding(monkeypatch, kernel, padding, out_channels):
-    """float32 stride-1 convs run the direct kernel forward and for the input gradient, and the
-    direct weight gradient; values and gradients agree with the unfolding path and with the
-    definition."""
+    """float32 stride-1 convs (1x1 too) run the direct kernel forward and for the input gradient,
+    and the direct weight gradient; values and gradients agree with the unfolding (or, for 1x1,
+    matrix product) path and with the definition."""
     rng = np.random.default_rng(kernel * 10 + out_channels)
     x = rng.standard_normal((3, 6, 9, 11)).astype(np.float32)
     w = rng.standard_normal((out_channels, 6, kernel, kernel)).astype(np.float32)
