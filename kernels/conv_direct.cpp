@@ -206,9 +206,9 @@ MINIDIFF_INLINE void forward_task(const float* x, const float* packed, const flo
 // channels, so gy is transposed per sample to gyt (positions, Opad), Opad = O rounded up to the
 // vector width, zeros above O. A register tile holds R rows (c, t) x V vectors of channels; per
 // kept output position it takes V loads of gyt, R broadcasts of xpad and R*V fused multiply-adds,
-// and it only visits kept positions (ox < Wo), so nothing is computed to be dropped. Samples run
-// one after another (the sample's gyt stays in the core's cache) and every tile adds its sample's
-// sum into its own block of gwt (C*T, Opad): tiles never share an accumulator.
+// and it only visits kept positions (ox < Wo), so nothing is computed to be dropped. Each thread
+// runs its samples one after another (the sample's gyt stays in the core's cache), every tile
+// adding the sample's sum into its block of the thread's own gwt (C*T, Opad).
 
 // Rows per tile for V vectors: as many accumulators as the registers hold (R*V + V + 1 of 32
 // with AVX-512, of 16 otherwise).
