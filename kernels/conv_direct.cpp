@@ -211,21 +211,25 @@ MINIDIFF_INLINE void forward_task(const float* x, const float* packed, const flo
 // adding the sample's sum into its block of the thread's own gwt (C*T, Opad).
 
 // Rows per tile for V vectors: as many accumulators as the registers hold (R*V + V + 1 of 32
-// with AVX-512, of 16 otherwise).
-template <int VW, int V>
-constexpr int wgrad_rows() {
-    return VW == 16 ? (V == 1 ? 12 : V == 2 ? 8 : 6) : (V == 1 ? 6 : 4);
+// with AVX-512, of 16 otherwise). With two vectors the forward pass is faster with 12 rows, the
+// weight gradient with 8 (measured: 3% each way at 32x32).
+template <int VW, int V, bool Forward = false>
+constexpr int lane_rows() {
+    return VW == 16 ? (V == 1 ? 12 : V == 2 ? (Forward ? 12 : 8) : 6) : (V == 1 ? 6 : 4);
 }
 
 template <int VW>
-constexpr int wgrad_max_vectors() {
+constexpr int lane_max_vectors() {
     return VW == 16 ? 4 : 2;
 }
 
-struct WeightGradTile {
-    int64_t row;     // first row (c*T + t) of gwt
-    int64_t vector;  // first vector of channels (channel vector*VW)
-    int vectors;     // V
+// A tile of a (rows x channels) result whose vector lanes run over channels: R rows from
+// `first` on (weight gradient: rows c*T + t of gwt; forward: kept output positions) x V vectors
+// of VW channels from channel vector*VW on.
+struct LaneTile {
+    int64_t first;
+    int64_t vector;
+    int vectors;
 };
 
 struct WeightGradPlan {
@@ -240,7 +244,7 @@ struct WeightGradPlan {
 template <int VW, int V>
 MINIDIFF_INLINE void weight_grad_tile(const WeightGradPlan& pl, int64_t row0, int64_t vec0) {
     typedef typename Lanes<VW>::type Vec;
-    constexpr int R = wgrad_rows<VW, V>();
+    constexpr int R = lane_rows<VW, V>();
     const FlatGeometry& g = pl.g;
     const int64_t K = g.C * g.taps;
     const float* rows[R];
@@ -308,26 +312,98 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst, int64_t
 }
 
 template <int VW>
-MINIDIFF_INLINE void weight_grad_task(const WeightGradPlan& pl, const WeightGradTile& tile) {
+MINIDIFF_INLINE void weight_grad_task(const WeightGradPlan& pl, const LaneTile& tile) {
     switch (tile.vectors) {
-        case 1: weight_grad_tile<VW, 1>(pl, tile.row, tile.vector); break;
-        case 2: weight_grad_tile<VW, 2>(pl, tile.row, tile.vector); break;
-        case 3: if constexpr (wgrad_max_vectors<VW>() >= 3) weight_grad_tile<VW, 3>(pl, tile.row, tile.vector); break;
-        case 4: if constexpr (wgrad_max_vectors<VW>() >= 4) weight_grad_tile<VW, 4>(pl, tile.row, tile.vector); break;
+        case 1: weight_grad_tile<VW, 1>(pl, tile.first, tile.vector); break;
+        case 2: weight_grad_tile<VW, 2>(pl, tile.first, tile.vector); break;
+        case 3: if constexpr (lane_max_vectors<VW>() >= 3) weight_grad_tile<VW, 3>(pl, tile.first, tile.vector); break;
+        case 4: if constexpr (lane_max_vectors<VW>() >= 4) weight_grad_tile<VW, 4>(pl, tile.first, tile.vector); break;
     }
 }
 
-// The tiles of gwt: channel vectors in blocks of the widest tile, then the remainder; each
-// block's rows in runs of that tile's R.
+// -- The forward pass with the lanes on output channels ----------------------------------------
+//
+// Where O is a multiple of the vector width, the forward pass runs the weight gradient's tile
+// shape: R kept output positions x V vectors of output channels, summed over the rows (c, t),
+// each a broadcast of xpad at the position's flat offset plus shift_t times V loads of the
+// transposed weight wt (C*T, Opad). No position is computed to be dropped (the tile walks kept
+// positions only, across row ends) and every load is a whole aligned row of wt: on 8x8 planes the
+// positions-as-lanes tile computes 80 outputs for 64 kept. The tile's R x O block of y is stored
+// through a small buffer (y is (O, positions)).
+
+struct ChannelLanesPlan {
+    const FlatGeometry& g;
+    int64_t Opad;
+    const float* xpad;  // the sample's C padded planes
+    const float* wt;    // (C*T, Opad): wt[c*T + t, o] = w[o, c, t], zeros past O
+    const float* bias;  // (Opad), zeros past O, or null
+    float* y;           // the sample's (O, Ho*Wo)
+};
+
+template <int VW, int V>
+MINIDIFF_INLINE void forward_lanes_tile(const ChannelLanesPlan& pl, int64_t q0, int64_t vec0) {
+    typedef typename Lanes<VW>::type Vec;
+    constexpr int R = lane_rows<VW, V, true>();
+    const FlatGeometry& g = pl.g;
+    const int64_t L = g.Ho * g.Wo, kept = std::min<int64_t>(R, L - q0);
+    int64_t off[R];  // flat offsets of the tile's positions (past the last: the last again)
+    for (int r = 0; r < R; ++r) {
+        const int64_t q = q0 + std::min<int64_t>(r, kept - 1);
+        off[r] = q / g.Wo * g.S + q % g.Wo;
+    }
+    Vec acc[R][V];
+    for (int v = 0; v < V; ++v) {
+        const Vec start = pl.bias ? load<VW>(pl.bias + (vec0 + v) * VW) : Vec{};
+        for (int r = 0; r < R; ++r) acc[r][v] = start;
+    }
+    const int64_t T = g.taps;
+    const int64_t* shift = g.shift.data();
+    for (int64_t c = 0; c < g.C; ++c) {
+        const float* xc = pl.xpad + c * g.plane;
+        const float* wc = pl.wt + c * T * pl.Opad + vec0 * VW;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* src = xc + shift[t];
+            Vec wv[V];
+#pragma GCC unroll 8
+            for (int v = 0; v < V; ++v) wv[v] = load<VW>(wc + t * pl.Opad + v * VW);
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r) {
+                const Vec xv = src[off[r]] - Vec{};  // a broadcast
+#pragma GCC unroll 8
+                for (int v = 0; v < V; ++v) acc[r][v] += xv * wv[v];
+            }
+        }
+    }
+    alignas(64) float buf[R][V * VW];
+    for (int r = 0; r < R; ++r) std::memcpy(buf[r], acc[r], sizeof buf[r]);
+    const int64_t o_end = std::min<int64_t>(g.O, (vec0 + V) * VW);
+    for (int64_t o = vec0 * VW; o < o_end; ++o) {
+        float* yo = pl.y + o * L + q0;
+        for (int64_t r = 0; r < kept; ++r) yo[r] = buf[r][o - vec0 * VW];
+    }
+}
+
 template <int VW>
-std::vector<WeightGradTile> weight_grad_tiles(int64_t K, int64_t Opad) {
-    constexpr int kRows[5] = {0, wgrad_rows<VW, 1>(), wgrad_rows<VW, 2>(),
-                              wgrad_rows<VW, std::min(3, wgrad_max_vectors<VW>())>(),
-                              wgrad_rows<VW, std::min(4, wgrad_max_vectors<VW>())>()};
-    std::vector<WeightGradTile> tiles;
+MINIDIFF_INLINE void forward_lanes_task(const ChannelLanesPlan& pl, const LaneTile& tile) {
+    switch (tile.vectors) {
+        case 1: forward_lanes_tile<VW, 1>(pl, tile.first, tile.vector); break;
+        case 2: forward_lanes_tile<VW, 2>(pl, tile.first, tile.vector); break;
+        case 3: if constexpr (lane_max_vectors<VW>() >= 3) forward_lanes_tile<VW, 3>(pl, tile.first, tile.vector); break;
+        case 4: if constexpr (lane_max_vectors<VW>() >= 4) forward_lanes_tile<VW, 4>(pl, tile.first, tile.vector); break;
+    }
+}
+
+// The tiles of a (rows x Opad) result: channel vectors in blocks of the widest tile, then the
+// remainder; each block's rows in runs of that tile's R.
+template <int VW, bool Forward>
+std::vector<LaneTile> lane_tiles(int64_t K, int64_t Opad) {
+    constexpr int kRows[5] = {0, lane_rows<VW, 1, Forward>(), lane_rows<VW, 2, Forward>(),
+                              lane_rows<VW, std::min(3, lane_max_vectors<VW>()), Forward>(),
+                              lane_rows<VW, std::min(4, lane_max_vectors<VW>()), Forward>()};
+    std::vector<LaneTile> tiles;
     const int64_t nv = Opad / VW;
     for (int64_t v0 = 0; v0 < nv;) {
-        const int V = static_cast<int>(std::min<int64_t>(wgrad_max_vectors<VW>(), nv - v0));
+        const int V = static_cast<int>(std::min<int64_t>(lane_max_vectors<VW>(), nv - v0));
         for (int64_t k0 = 0; k0 < K; k0 += kRows[V]) tiles.push_back({k0, v0, V});
         v0 += V;
     }
@@ -338,16 +414,19 @@ using ForwardTask = void (*)(const float*, const float*, const float*, float*, c
                              int64_t, int64_t, int64_t, float*);
 
 // One instruction set's kernel and tile height (output channels per tile).
-using WeightGradTiles = void (*)(const WeightGradPlan&, const WeightGradTile*, int64_t, int64_t);
-using WeightGradPlanner = std::vector<WeightGradTile> (*)(int64_t, int64_t);
+using WeightGradTiles = void (*)(const WeightGradPlan&, const LaneTile*, int64_t, int64_t);
+using ForwardLanesTiles = void (*)(const ChannelLanesPlan&, const LaneTile*, int64_t, int64_t);
+using LaneTilePlanner = std::vector<LaneTile> (*)(int64_t, int64_t);
 
 struct DirectConvKernels {
     const char* isa;
     int64_t block;
     ForwardTask forward;
-    int64_t lanes;  // the weight gradient's vector width (floats)
-    WeightGradPlanner weight_grad_tiles;
+    int64_t lanes;  // the vector width (floats) of the channel-lanes tiles
+    LaneTilePlanner weight_grad_tiles;
     WeightGradTiles weight_grad;
+    LaneTilePlanner forward_lanes_tiles;
+    ForwardLanesTiles forward_lanes;
 };
 
 // Tiles: AVX-512 has 32 vector registers (20 accumulators + 5 inputs + a weight); AVX2 and
@@ -360,8 +439,12 @@ struct DirectConvKernels {
         forward_task<VW, OB, PV>(x, p, b, y, g, n, lo, hi, xpad);                                 \
     }                                                                                             \
     __attribute__((target(target_attr))) void weight_grad_##name(                                 \
-        const WeightGradPlan& pl, const WeightGradTile* tiles, int64_t lo, int64_t hi) {          \
+        const WeightGradPlan& pl, const LaneTile* tiles, int64_t lo, int64_t hi) {          \
         for (int64_t i = lo; i < hi; ++i) weight_grad_task<VW>(pl, tiles[i]);                     \
+    }                                                                                             \
+    __attribute__((target(target_attr))) void forward_lanes_##name(                               \
+        const ChannelLanesPlan& pl, const LaneTile* tiles, int64_t lo, int64_t hi) {              \
+        for (int64_t i = lo; i < hi; ++i) forward_lanes_task<VW>(pl, tiles[i]);                   \
     }
 MINIDIFF_DIRECT_ISA(avx512, "avx512f,fma", 16, 4, 5)
 MINIDIFF_DIRECT_ISA(avx2, "avx2,fma", 8, 3, 3)
@@ -372,9 +455,14 @@ void forward_baseline(const float* x, const float* p, const float* b, float* y, 
     forward_task<4, 3, 3>(x, p, b, y, g, n, lo, hi, xpad);
 }
 
-void weight_grad_baseline(const WeightGradPlan& pl, const WeightGradTile* tiles, int64_t lo,
+void weight_grad_baseline(const WeightGradPlan& pl, const LaneTile* tiles, int64_t lo,
                           int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) weight_grad_task<4>(pl, tiles[i]);
+}
+
+void forward_lanes_baseline(const ChannelLanesPlan& pl, const LaneTile* tiles, int64_t lo,
+                            int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) forward_lanes_task<4>(pl, tiles[i]);
 }
 
 // The widest the CPU has; MINIDIFF_CONV_ISA=avx2 or =baseline picks a narrower one (so that
@@ -387,11 +475,11 @@ const DirectConvKernels& direct_conv_kernels() {
         __builtin_cpu_init();
         const bool fma = __builtin_cpu_supports("fma");
         if (cap.empty() && fma && __builtin_cpu_supports("avx512f"))
-            return DirectConvKernels{"avx512", 4, forward_avx512, 16, weight_grad_tiles<16>, weight_grad_avx512};
+            return DirectConvKernels{"avx512", 4, forward_avx512, 16, lane_tiles<16, false>, weight_grad_avx512, lane_tiles<16, true>, forward_lanes_avx512};
         if ((cap.empty() || cap == "avx2") && fma && __builtin_cpu_supports("avx2"))
-            return DirectConvKernels{"avx2", 3, forward_avx2, 8, weight_grad_tiles<8>, weight_grad_avx2};
+            return DirectConvKernels{"avx2", 3, forward_avx2, 8, lane_tiles<8, false>, weight_grad_avx2, lane_tiles<8, true>, forward_lanes_avx2};
 #endif
-        return DirectConvKernels{"baseline", 3, forward_baseline, 4, weight_grad_tiles<4>, weight_grad_baseline};
+        return DirectConvKernels{"baseline", 3, forward_baseline, 4, lane_tiles<4, false>, weight_grad_baseline, lane_tiles<4, true>, forward_lanes_baseline};
     }();
     return chosen;
 }
@@ -408,10 +496,43 @@ int max_threads() {
 
 const char* conv2d_direct_isa() { return direct_conv_kernels().isa; }
 
+namespace {
+
+// The forward pass with the lanes on output channels (O a multiple of the vector width). Tasks
+// are (sample, run of tiles), as in the positions-as-lanes pass.
+void conv2d_direct_channel_lanes(const float* x, const float* w, const float* bias, float* y,
+                                 int64_t N, const FlatGeometry& g, const DirectConvKernels& k) {
+    const int64_t C = g.C, O = g.O, K = C * g.taps, L = g.Ho * g.Wo, Opad = O;
+    std::vector<float> wt(K * Opad);
+    transpose(w, O, K, wt.data(), Opad);
+    const std::vector<LaneTile> tiles = k.forward_lanes_tiles(L, Opad);
+    const int64_t ntiles = static_cast<int64_t>(tiles.size());
+    const int64_t wanted = 4 * static_cast<int64_t>(max_threads());
+    const int64_t groups = N >= wanted ? 1 : std::min(ntiles, (wanted + N - 1) / N);
+#pragma omp parallel
+    {
+        std::vector<float> xpad(C * g.plane);
+        int64_t padded = -1;  // the sample whose planes xpad holds
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < N * groups; ++task) {
+            const int64_t n = task / groups, grp = task % groups;
+            if (n != padded) {
+                for (int64_t c = 0; c < C; ++c) pad_plane(x + (n * C + c) * g.H * g.W, xpad.data() + c * g.plane, g);
+                padded = n;
+            }
+            const ChannelLanesPlan plan{g, Opad, xpad.data(), wt.data(), bias, y + n * O * L};
+            k.forward_lanes(plan, tiles.data(), ntiles * grp / groups, ntiles * (grp + 1) / groups);
+        }
+    }
+}
+
+}  // namespace
+
 void conv2d_direct(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t C,
                    int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
     const FlatGeometry g(C, H, W, O, kh, kw, ph, pw);
     const DirectConvKernels& k = direct_conv_kernels();
+    if (O % k.lanes == 0) return conv2d_direct_channel_lanes(x, w, bias, y, N, g, k);
     const std::vector<float> packed = pack_weight(w, g, k.block);
     // Tasks are (sample, group of output-channel blocks): whole samples when the batch keeps
     // every thread busy, else the channels are split too (each task pads its sample's planes).
@@ -438,7 +559,7 @@ void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64
     const DirectConvKernels& k = direct_conv_kernels();
     const int64_t K = C * g.taps, L = g.Ho * g.Wo;
     const int64_t Opad = (O + k.lanes - 1) / k.lanes * k.lanes;
-    const std::vector<WeightGradTile> tiles = k.weight_grad_tiles(K, Opad);
+    const std::vector<LaneTile> tiles = k.weight_grad_tiles(K, Opad);
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
     // Each thread takes a run of samples with its own buffers and its own partial sum gwt; the
     // partial sums are added in thread order at the end. No thread waits for another on the

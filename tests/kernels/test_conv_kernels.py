@@ -206,13 +206,15 @@ def test_col2im_rejects_bad_input(col2im):
 
 @st.composite
 def stride1_cases(draw):
-    """Kernels 1-5 (any padding, also beyond the kernel), 1-9 output channels (the native tile
-    holds 3 or 4: remainders), odd sizes, both dtypes, any input layout."""
+    """Kernels 1-5 (any padding, also beyond the kernel), 1-9 output channels (the native
+    positions-as-lanes tile holds 3 or 4: remainders) or a multiple of 16 (the native
+    channels-as-lanes tiles), odd sizes, both dtypes, any input layout."""
     kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
     H = draw(st.integers(max(1, kh - 2 * ph), 9))
     W = draw(st.integers(max(1, kw - 2 * pw), 9))
-    N, C, out = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 9))
+    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    out = draw(st.one_of(st.integers(1, 9), st.sampled_from([16, 32, 48, 64])))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     layouts = st.sampled_from(["contiguous", "transposed", "strided"])
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -246,6 +248,13 @@ def test_conv2d_stride1_matches_naive_loops(conv, case):
         ((3, 6, 8, 8), 9, (3, 3), (1, 1)),  # 8 x 9 = 72 positions: one tile of 5 vectors, 4.5 used
         ((2, 2, 16, 16), 5, (3, 3), (1, 1)),  # 16 x 17 = 272: 3 tiles of 5 vectors, then 2
         ((2, 3, 5, 7), 4, (3, 3), (1, 1)),  # 5 x 8 = 40: a tile of 3 vectors
+        # a multiple of the vector width: channels as lanes (tiles of 1-4 vectors of channels,
+        # 6-12 positions, the last tile's positions cut short)
+        ((3, 6, 8, 8), 64, (3, 3), (1, 1)),
+        ((2, 5, 11, 13), 32, (3, 3), (1, 1)),
+        ((1, 4, 9, 7), 80, (3, 2), (1, 0)),  # one sample: its tiles are split between threads
+        ((2, 3, 6, 6), 48, (5, 5), (2, 2)),
+        ((2, 7, 10, 10), 16, (1, 1), (0, 0)),
     ],
 )
 def test_native_conv2d_stride1_at_vector_sizes(conv, shape, out_channels, kernel, padding):
@@ -272,6 +281,9 @@ def test_native_conv2d_stride1_narrower_vectors(isa):
         "w = rng.standard_normal((7, 5, 3, 3)).astype(np.float32)\n"
         "ref = kernels.implementations('conv2d_stride1')['reference'](x, w, (1, 1))\n"
         "err = np.abs(_native.conv2d_direct(x, w, 1, 1) - ref).max() / np.abs(ref).max()\n"
+        "w16 = rng.standard_normal((16, 5, 3, 3)).astype(np.float32)\n"
+        "ref16 = kernels.implementations('conv2d_stride1')['reference'](x, w16, (1, 1))\n"
+        "err = max(err, np.abs(_native.conv2d_direct(x, w16, 1, 1) - ref16).max() / np.abs(ref16).max())\n"
         "gy = rng.standard_normal((2, 37, 13, 17)).astype(np.float32)\n"
         "ref = kernels.implementations('conv2d_stride1_weight_grad')['reference'](x, gy, (3, 3), (1, 1))\n"
         "gw = _native.conv2d_direct_weight_grad(x, gy, 3, 3, 1, 1)\n"
