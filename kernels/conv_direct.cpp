@@ -14,10 +14,16 @@
 // consecutive outputs of one channel is a plain vector load of the input per tap, whatever the
 // image width.
 //
-// A register tile holds OB output channels x PV vectors of positions; per (c, tap), PV loads
-// and OB broadcast weights feed OB*PV fused multiply-adds. The last tile of a plane has only
-// the vectors it needs. The accumulators start from the bias. The input gradient of a stride-1
-// convolution is the same computation (gy convolved with the kernel flipped, padded k - 1 - p).
+// A register tile puts the vector lanes on one of two axes:
+//  - positions: OB output channels x PV vectors of positions; per (c, tap), PV loads and OB
+//    broadcast weights feed OB*PV fused multiply-adds. The last tile of a plane has only the
+//    vectors it needs. Any O.
+//  - output channels, where O is a multiple of the vector width: R kept positions x V vectors of
+//    channels; per (c, tap), R broadcasts of the input and V loads of the transposed weight
+//    (see "The forward pass with the lanes on output channels" below). Nothing is dropped.
+// The accumulators start from the bias. The input gradient of a stride-1 convolution is the same
+// computation (gy convolved with the kernel flipped, padded k - 1 - p). The weight gradient
+// (below) uses the channels-as-lanes tile with the sum running over positions instead.
 //
 // The readable reference is im2col followed by a matrix product (minidiff/kernels/conv.py).
 // Each tile is compiled for AVX-512, AVX2 and baseline vectors; the CPU picks one at load time.
