@@ -756,12 +756,17 @@ def run_from_args(args) -> int:
         shapes=args.shapes,
         progress=lambda text: print(text, file=sys.stderr, flush=True),
     )
-    path = Path(args.json)
+    write_report(report, args.json, format_table(report))
+    return 0
+
+
+def write_report(report: dict, path, table: str) -> None:
+    """Write the JSON report to path (its folder created), then print the table last."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}", file=sys.stderr)
-    print(format_table(report))
-    return 0
+    print(table)
 
 
 def main(argv=None, *, prog=None, default_json="minidiff-bench.json") -> int:

@@ -24,9 +24,10 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+
+from minidiff.benchmark import write_report
 
 
 def positive_int(text: str) -> int:
@@ -240,11 +241,7 @@ def run_from_args(args, default_json="minidiff-bench-unet.json") -> int:
     """Run what the parsed options ask, write the JSON, print the table last."""
     cfg = unet_config(args.channels, args.mults, args.image_size, args.norm_groups)
     report = run(cfg, args.batch, args.repeats or 5, args.rounds)
-    path = Path(args.json or default_json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
-    print(format_report(report))
+    write_report(report, args.json or default_json, format_report(report))
     return 0
 
 
