@@ -115,9 +115,10 @@ def group_norm_backward_reference(gy, x, weight, mean, rstd, groups):
         gbias = gy.sum(axis=axes)
         gweight = (gy * xhat.reshape(x.shape)).sum(axis=axes)
         d = (gy * weight.reshape(_channel_shape(x))).reshape(N, groups, M)
-    gx = rstd[:, :, None] * (
-        d - d.mean(axis=2, keepdims=True) - xhat * (d * xhat).mean(axis=2, keepdims=True)
-    )
+    # d centered first: mean(d * xhat) = mean(dc * xhat) since xhat sums to 0, and the centered
+    # products do not cancel (d's mean can be much larger than its spread in a small group)
+    dc = d - d.mean(axis=2, keepdims=True)
+    gx = rstd[:, :, None] * (dc - xhat * (dc * xhat).mean(axis=2, keepdims=True))
     return gx.reshape(x.shape), gweight, gbias
 
 
@@ -360,8 +361,10 @@ def _group_norm_silu_backward_cpu(
                 xhat = (x[n, c, s] + sh - mu) * r
                 u = xhat * w + b
                 sig = 1.0 / (1.0 + np.exp(-u))
-                gu = gy[n, c, s] * sig * (1.0 + u * (1.0 - sig))
-                gx[n, c, s] = gu
+                gx[n, c, s] = gy[n, c, s] * sig * (1.0 + u * (1.0 - sig))
+                # the sums take gu as stored (rounded to x's dtype), as the second pass reads it:
+                # a group of one value then gets exactly the reference's zero gradient
+                gu = np.float64(gx[n, c, s])
                 gw += gu * xhat
                 gb += gu
             gw_part[n, c] = gw
