@@ -115,10 +115,9 @@ def group_norm_backward_reference(gy, x, weight, mean, rstd, groups):
         gbias = gy.sum(axis=axes)
         gweight = (gy * xhat.reshape(x.shape)).sum(axis=axes)
         d = (gy * weight.reshape(_channel_shape(x))).reshape(N, groups, M)
-    # d centered first: mean(d * xhat) = mean(dc * xhat) since xhat sums to 0, and the centered
-    # products do not cancel (d's mean can be much larger than its spread in a small group)
-    dc = d - d.mean(axis=2, keepdims=True)
-    gx = rstd[:, :, None] * (dc - xhat * (dc * xhat).mean(axis=2, keepdims=True))
+    gx = rstd[:, :, None] * (
+        d - d.mean(axis=2, keepdims=True) - xhat * (d * xhat).mean(axis=2, keepdims=True)
+    )
     return gx.reshape(x.shape), gweight, gbias
 
 
