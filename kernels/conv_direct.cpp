@@ -498,6 +498,14 @@ int max_threads() {
 #endif
 }
 
+int thread_index() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 }  // namespace
 
 const char* conv2d_direct_isa() { return direct_conv_kernels().isa; }
@@ -567,27 +575,36 @@ void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64
     const int64_t Opad = (O + k.lanes - 1) / k.lanes * k.lanes;
     const std::vector<LaneTile> tiles = k.weight_grad_tiles(K, Opad);
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
-    // Each thread takes a run of samples with its own buffers and its own partial sum gwt; the
-    // partial sums are added in thread order at the end. No thread waits for another on the
-    // way (a barrier per sample cost more than the sample's arithmetic at 8x8).
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N, max_threads()));
-    std::vector<float> gwt(parts * K * Opad, 0.0f);
+    // Tasks are (sample, run of tiles): whole samples when the batch keeps every thread busy,
+    // else the tiles are split too. Each thread adds into its own partial sum gwt and keeps the
+    // sample it prepared last (its padded planes and gy transposed); the partial sums are added
+    // in thread order at the end. No thread waits for another on the way (a barrier per sample
+    // cost more than the sample's arithmetic at 8x8).
+    const int64_t threads = max_threads();
+    const int64_t groups = N >= threads ? 1 : std::min(ntiles, (threads + N - 1) / N);
+    std::vector<float> gwt(threads * K * Opad, 0.0f);
     const std::vector<float> zeros(g.plane, 0.0f);
-#pragma omp parallel for schedule(static, 1)
-    for (int64_t part = 0; part < parts; ++part) {
+#pragma omp parallel
+    {
         std::vector<float> xpad(C * g.plane), gyt(L * Opad, 0.0f);
-        const WeightGradPlan plan{g, Opad, xpad.data(), zeros.data(), gyt.data(), gwt.data() + part * K * Opad};
-        for (int64_t n = N * part / parts; n < N * (part + 1) / parts; ++n) {
-            for (int64_t c = 0; c < C; ++c) pad_plane(x + (n * C + c) * H * W, xpad.data() + c * g.plane, g);
-            const float* gn = gy + n * O * L;
-            transpose(gn, O, L, gyt.data(), Opad);  // the columns past O stay zero
-            k.weight_grad(plan, tiles.data(), 0, ntiles);
+        const WeightGradPlan plan{g, Opad, xpad.data(), zeros.data(), gyt.data(),
+                                  gwt.data() + thread_index() * K * Opad};
+        int64_t prepared = -1;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < N * groups; ++task) {
+            const int64_t n = task / groups, grp = task % groups;
+            if (n != prepared) {
+                for (int64_t c = 0; c < C; ++c) pad_plane(x + (n * C + c) * H * W, xpad.data() + c * g.plane, g);
+                transpose(gy + n * O * L, O, L, gyt.data(), Opad);  // the columns past O stay zero
+                prepared = n;
+            }
+            k.weight_grad(plan, tiles.data(), ntiles * grp / groups, ntiles * (grp + 1) / groups);
         }
     }
     for (int64_t o = 0; o < O; ++o)
         for (int64_t r = 0; r < K; ++r) {
             float sum = 0.0f;
-            for (int64_t part = 0; part < parts; ++part) sum += gwt[(part * K + r) * Opad + o];
+            for (int64_t t = 0; t < threads; ++t) sum += gwt[(t * K + r) * Opad + o];
             gw[o * K + r] = sum;
         }
 }

@@ -372,7 +372,7 @@ def test_conv2d_stride1_weight_grad_matches_naive_loops(weight_grad, case):
     "shape, out_channels, kernel, padding",
     [
         ((5, 7, 19, 23), 80, (3, 3), (1, 1)),  # 4 + 1 vectors of 16 channels, 63 rows
-        ((1, 5, 8, 8), 33, (3, 3), (1, 1)),  # one sample: one thread's partial sum
+        ((1, 5, 8, 8), 33, (3, 3), (1, 1)),  # one sample: its tiles are split between the threads
         ((3, 4, 16, 16), 48, (5, 3), (2, 0)),
         ((2, 3, 33, 30), 16, (2, 4), (0, 3)),
         ((4, 1, 12, 12), 1, (3, 3), (1, 1)),  # one output channel: 15 zero lanes
