@@ -1,4 +1,4 @@
-// Direct 2-D convolution at stride 1 in float32: no columns, the input is read in place.
+// Direct 2-D convolution in float32: no columns, the input is read in place.
 //
 // The trick is a flat padded plane. xpad[c] is x[c] zero-padded and flattened with a row stride
 // S = W + gap (plus zeroed rows above and below, and a zeroed tail): the zeros after one row's
@@ -17,13 +17,15 @@
 // A register tile puts the vector lanes on one of two axes:
 //  - positions: OB output channels x PV vectors of positions; per (c, tap), PV loads and OB
 //    broadcast weights feed OB*PV fused multiply-adds. The last tile of a plane has only the
-//    vectors it needs. Any O.
-//  - output channels, where O is a multiple of the vector width: R kept positions x V vectors of
-//    channels; per (c, tap), R broadcasts of the input and V loads of the transposed weight
-//    (see "The forward pass with the lanes on output channels" below). Nothing is dropped.
+//    vectors it needs. Stride 1 only, any O.
+//  - output channels, where O is a multiple of the vector width or the stride is not 1: R kept
+//    positions x V vectors of channels; per (c, tap), R broadcasts of the input and V loads of
+//    the transposed weight (see "The forward pass with the lanes on output channels" below).
+//    Nothing is dropped; at stride s the position (oy, ox) reads from oy*s*S + ox*s on.
 // The accumulators start from the bias. The input gradient of a stride-1 convolution is the same
-// computation (gy convolved with the kernel flipped, padded k - 1 - p). The weight gradient
-// (below) uses the channels-as-lanes tile with the sum running over positions instead.
+// computation (gy convolved with the kernel flipped, padded k - 1 - p; minidiff/ops/conv.py
+// splits a strided one into stride-1 ones, one per phase). The weight gradient (below) uses the
+// channels-as-lanes tile with the sum running over positions instead.
 //
 // The readable reference is im2col followed by a matrix product (minidiff/kernels/conv.py).
 // Each tile is compiled for AVX-512, AVX2 and baseline vectors; the CPU picks one at load time.
@@ -65,21 +67,22 @@ MINIDIFF_INLINE typename Lanes<VW>::type load(const float* p) {
 constexpr int64_t kTailFloats = 32;
 
 struct FlatGeometry {
-    int64_t C, H, W, O, kh, kw, ph, pw;
+    int64_t C, H, W, O, kh, kw, ph, pw, sh, sw;
     int64_t Hp, S, Ho, Wo;
     int64_t taps;     // kh * kw
     int64_t outputs;  // Ho * S flat output positions per plane, dropped columns included
     int64_t plane;    // floats per padded input plane, tail included (a multiple of 16)
     std::vector<int64_t> shift;
 
-    FlatGeometry(int64_t C_, int64_t H_, int64_t W_, int64_t O_, int64_t kh_,
-                 int64_t kw_, int64_t ph_, int64_t pw_)
-        : C(C_), H(H_), W(W_), O(O_), kh(kh_), kw(kw_), ph(ph_), pw(pw_) {
+    FlatGeometry(int64_t C_, int64_t H_, int64_t W_, int64_t O_, int64_t kh_, int64_t kw_,
+                 int64_t ph_, int64_t pw_, int64_t sh_ = 1, int64_t sw_ = 1)
+        : C(C_), H(H_), W(W_), O(O_), kh(kh_), kw(kw_), ph(ph_), pw(pw_), sh(sh_), sw(sw_) {
         Hp = H + 2 * ph;
-        Ho = Hp - kh + 1;
-        Wo = W + 2 * pw - kw + 1;
-        // Row r's last read is column Wo - 1 + kw - 1 = W + 2pw - 1 of the padded row, which must
-        // be a zero before row r+1's data: gap >= pw. And the Wo outputs must fit in a row.
+        Ho = (Hp - kh) / sh + 1;
+        Wo = (W + 2 * pw - kw) / sw + 1;
+        // Row r's last read is at most column W + 2pw - 1 of the padded row, which must be a
+        // zero before row r+1's data: gap >= pw. And at stride 1 the Wo outputs must fit in a
+        // row (the positions-as-lanes tile computes whole rows of S).
         S = W + std::max(pw, 2 * pw - kw + 1);
         taps = kh * kw;
         outputs = Ho * S;
@@ -205,7 +208,7 @@ MINIDIFF_INLINE void forward_task(const float* x, const float* packed, const flo
 
 // -- The weight gradient ----------------------------------------------------------------------
 //
-//     gw[o, c, t] = sum_n sum_{oy < Ho, ox < Wo} gy[n, o, oy, ox] * xpad[n, c, oy*S + ox + shift_t]
+//     gw[o, c, t] = sum_n sum_{oy < Ho, ox < Wo} gy[n, o, oy, ox] * xpad[n, c, oy*sh*S + ox*sw + shift_t]
 //
 // a matrix product (O x positions) @ (positions x C*T) whose right operand is never built: its
 // row (c, t) is the padded plane c read from shift_t on. Here the vector lanes run over output
@@ -263,14 +266,14 @@ MINIDIFF_INLINE void weight_grad_tile(const WeightGradPlan& pl, int64_t row0, in
         for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
     const float* gy_row = pl.gyt + vec0 * VW;
     for (int64_t oy = 0; oy < g.Ho; ++oy, gy_row += g.Wo * pl.Opad) {
-        const int64_t base = oy * g.S;
+        const int64_t base = oy * g.sh * g.S;
         for (int64_t ox = 0; ox < g.Wo; ++ox) {
             Vec gv[V];
 #pragma GCC unroll 8
             for (int v = 0; v < V; ++v) gv[v] = load<VW>(gy_row + ox * pl.Opad + v * VW);
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r) {
-                const Vec xv = rows[r][base + ox] - Vec{};  // a broadcast
+                const Vec xv = rows[r][base + ox * g.sw] - Vec{};  // a broadcast
 #pragma GCC unroll 8
                 for (int v = 0; v < V; ++v) acc[r][v] += xv * gv[v];
             }
@@ -355,7 +358,7 @@ MINIDIFF_INLINE void forward_lanes_tile(const ChannelLanesPlan& pl, int64_t q0, 
     int64_t off[R];  // flat offsets of the tile's positions (past the last: the last again)
     for (int r = 0; r < R; ++r) {
         const int64_t q = q0 + std::min<int64_t>(r, kept - 1);
-        off[r] = q / g.Wo * g.S + q % g.Wo;
+        off[r] = q / g.Wo * g.sh * g.S + q % g.Wo * g.sw;
     }
     Vec acc[R][V];
     for (int v = 0; v < V; ++v) {
@@ -512,13 +515,15 @@ const char* conv2d_direct_isa() { return direct_conv_kernels().isa; }
 
 namespace {
 
-// The forward pass with the lanes on output channels (O a multiple of the vector width). Tasks
-// are (sample, run of tiles), as in the positions-as-lanes pass.
+// The forward pass with the lanes on output channels (O rounded up to the vector width with
+// zero weights). Tasks are (sample, run of tiles), as in the positions-as-lanes pass.
 void conv2d_direct_channel_lanes(const float* x, const float* w, const float* bias, float* y,
                                  int64_t N, const FlatGeometry& g, const DirectConvKernels& k) {
-    const int64_t C = g.C, O = g.O, K = C * g.taps, L = g.Ho * g.Wo, Opad = O;
-    std::vector<float> wt(K * Opad);
-    transpose(w, O, K, wt.data(), Opad);
+    const int64_t C = g.C, O = g.O, K = C * g.taps, L = g.Ho * g.Wo;
+    const int64_t Opad = (O + k.lanes - 1) / k.lanes * k.lanes;
+    std::vector<float> wt(K * Opad, 0.0f), bias_pad(bias ? Opad : 0, 0.0f);
+    transpose(w, O, K, wt.data(), Opad);  // the columns past O stay zero
+    if (bias) std::copy(bias, bias + O, bias_pad.begin());
     const std::vector<LaneTile> tiles = k.forward_lanes_tiles(L, Opad);
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
     const int64_t wanted = 4 * static_cast<int64_t>(max_threads());
@@ -534,7 +539,8 @@ void conv2d_direct_channel_lanes(const float* x, const float* w, const float* bi
                 for (int64_t c = 0; c < C; ++c) pad_plane(x + (n * C + c) * g.H * g.W, xpad.data() + c * g.plane, g);
                 padded = n;
             }
-            const ChannelLanesPlan plan{g, Opad, xpad.data(), wt.data(), bias, y + n * O * L};
+            const ChannelLanesPlan plan{g, Opad, xpad.data(), wt.data(), bias ? bias_pad.data() : nullptr,
+                                        y + n * O * L};
             k.forward_lanes(plan, tiles.data(), ntiles * grp / groups, ntiles * (grp + 1) / groups);
         }
     }
@@ -543,10 +549,13 @@ void conv2d_direct_channel_lanes(const float* x, const float* w, const float* bi
 }  // namespace
 
 void conv2d_direct(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t C,
-                   int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
-    const FlatGeometry g(C, H, W, O, kh, kw, ph, pw);
+                   int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw,
+                   int64_t sh, int64_t sw) {
+    const FlatGeometry g(C, H, W, O, kh, kw, ph, pw, sh, sw);
     const DirectConvKernels& k = direct_conv_kernels();
-    if (O % k.lanes == 0) return conv2d_direct_channel_lanes(x, w, bias, y, N, g, k);
+    // Channels as lanes where no lane is wasted, and at any stride (the positions-as-lanes tile
+    // computes runs of consecutive flat positions: stride 1 only).
+    if (O % k.lanes == 0 || sh != 1 || sw != 1) return conv2d_direct_channel_lanes(x, w, bias, y, N, g, k);
     const std::vector<float> packed = pack_weight(w, g, k.block);
     // Tasks are (sample, group of output-channel blocks): whole samples when the batch keeps
     // every thread busy, else the channels are split too (each task pads its sample's planes).
@@ -568,8 +577,8 @@ void conv2d_direct(const float* x, const float* w, const float* bias, float* y, 
 
 void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64_t N, int64_t C,
                                int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph,
-                               int64_t pw) {
-    const FlatGeometry g(C, H, W, O, kh, kw, ph, pw);
+                               int64_t pw, int64_t sh, int64_t sw) {
+    const FlatGeometry g(C, H, W, O, kh, kw, ph, pw, sh, sw);
     const DirectConvKernels& k = direct_conv_kernels();
     const int64_t K = C * g.taps, L = g.Ho * g.Wo;
     const int64_t Opad = (O + k.lanes - 1) / k.lanes * k.lanes;

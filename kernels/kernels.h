@@ -69,14 +69,15 @@ void col2im(const T* cols, T* x, const ConvGeometry& g);
 // -- conv_direct.cpp: stride-1 convolution in float32, read in place (no columns) -------------
 
 // y (N, O, Ho, Wo) = x (N, C, H, W) convolved with w (O, C, kh, kw) plus bias (O,) (or none:
-// null), zero padding (ph, pw), stride 1: Ho = H + 2ph - kh + 1, Wo = W + 2pw - kw + 1 (>= 1).
+// null), zero padding (ph, pw), stride (sh, sw): Ho = (H + 2ph - kh) / sh + 1 (>= 1), same for Wo.
 void conv2d_direct(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t C,
-                   int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw);
+                   int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph, int64_t pw,
+                   int64_t sh, int64_t sw);
 
 // Its weight gradient: gw (O, C, kh, kw) from x (N, C, H, W) and gy (N, O, Ho, Wo).
 void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64_t N, int64_t C,
                                int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw, int64_t ph,
-                               int64_t pw);
+                               int64_t pw, int64_t sh, int64_t sw);
 
 // The instruction set the direct convolution runs with here: "avx512", "avx2" or "baseline".
 const char* conv2d_direct_isa();

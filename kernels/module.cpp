@@ -81,29 +81,29 @@ carray<T> col2im(carray<T> cols, int64_t C, int64_t H, int64_t W, int64_t kh, in
 }
 
 carray<float> conv2d_direct(carray<float> x, carray<float> w, int64_t ph, int64_t pw,
-                            std::optional<carray<float>> bias) {
+                            std::optional<carray<float>> bias, int64_t sh, int64_t sw) {
     require(w.ndim() == 4 && x.ndim() == 4 && w.shape(1) == x.shape(1),
             "conv2d_direct: need x (N, C, H, W) and weight (O, C, kh, kw) with the same C");
     const int64_t N = x.shape(0), C = x.shape(1), H = x.shape(2), W = x.shape(3);
     const int64_t O = w.shape(0), kh = w.shape(2), kw = w.shape(3);
     require(!bias || (bias->ndim() == 1 && bias->shape(0) == O), "conv2d_direct: bias must have shape (O,)");
-    const auto g = conv_geometry("conv2d_direct", N, C, H, W, kh, kw, 1, 1, ph, pw);
+    const auto g = conv_geometry("conv2d_direct", N, C, H, W, kh, kw, sh, sw, ph, pw);
     auto y = empty<float>({N, O, g.Ho, g.Wo});
     const float *xp = x.data(), *wp = w.data(), *bp = bias ? bias->data() : nullptr;
     float* yp = y.mutable_data();
     {
         py::gil_scoped_release release;
-        minidiff::conv2d_direct(xp, wp, bp, yp, N, C, H, W, O, kh, kw, ph, pw);
+        minidiff::conv2d_direct(xp, wp, bp, yp, N, C, H, W, O, kh, kw, ph, pw, sh, sw);
     }
     return y;
 }
 
 carray<float> conv2d_direct_weight_grad(carray<float> x, carray<float> gy, int64_t kh, int64_t kw,
-                                        int64_t ph, int64_t pw) {
+                                        int64_t ph, int64_t pw, int64_t sh, int64_t sw) {
     require(x.ndim() == 4 && gy.ndim() == 4 && gy.shape(0) == x.shape(0),
             "conv2d_direct_weight_grad: need x (N, C, H, W) and gy (N, O, Ho, Wo) with the same N");
     const int64_t N = x.shape(0), C = x.shape(1), H = x.shape(2), W = x.shape(3), O = gy.shape(1);
-    const auto g = conv_geometry("conv2d_direct_weight_grad", N, C, H, W, kh, kw, 1, 1, ph, pw);
+    const auto g = conv_geometry("conv2d_direct_weight_grad", N, C, H, W, kh, kw, sh, sw, ph, pw);
     require(gy.shape(2) == g.Ho && gy.shape(3) == g.Wo,
             "conv2d_direct_weight_grad: gy's spatial shape does not match x, the kernel and the padding");
     auto gw = empty<float>({O, C, kh, kw});
@@ -111,7 +111,7 @@ carray<float> conv2d_direct_weight_grad(carray<float> x, carray<float> gy, int64
     float* wp = gw.mutable_data();
     {
         py::gil_scoped_release release;
-        minidiff::conv2d_direct_weight_grad(xp, gp, wp, N, C, H, W, O, kh, kw, ph, pw);
+        minidiff::conv2d_direct_weight_grad(xp, gp, wp, N, C, H, W, O, kh, kw, ph, pw, sh, sw);
     }
     return gw;
 }
@@ -404,12 +404,12 @@ PYBIND11_MODULE(_native, m) {
     m.doc() = "Native CPU kernels of minidiff (C++, OpenMP). Use them through minidiff.kernels.";
     bind<float>(m);
     m.def("conv2d_direct", &conv2d_direct, "x"_a.noconvert(), "weight"_a.noconvert(), "ph"_a, "pw"_a,
-          "bias"_a.noconvert() = py::none(),
-          "Stride-1 convolution of float32 x (N, C, H, W) by weight (O, C, kh, kw) plus bias (O,) "
-          "or None, no columns.");
+          "bias"_a.noconvert() = py::none(), "sh"_a = 1, "sw"_a = 1,
+          "Convolution of float32 x (N, C, H, W) by weight (O, C, kh, kw) plus bias (O,) or None, "
+          "padding (ph, pw), stride (sh, sw), no columns.");
     m.def("conv2d_direct_weight_grad", &conv2d_direct_weight_grad, "x"_a.noconvert(), "gy"_a.noconvert(),
-          "kh"_a, "kw"_a, "ph"_a, "pw"_a,
-          "Weight gradient (O, C, kh, kw) of the stride-1 float32 convolution, from x and gy.");
+          "kh"_a, "kw"_a, "ph"_a, "pw"_a, "sh"_a = 1, "sw"_a = 1,
+          "Weight gradient (O, C, kh, kw) of the float32 convolution, from x and gy.");
     m.attr("conv2d_direct_isa") = minidiff::conv2d_direct_isa();
     bind<double>(m);
     bind_diffusion<float>(m);

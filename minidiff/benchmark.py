@@ -146,44 +146,50 @@ def _col2im_case(rng, x_shape, k, s, p):
     return Case(label, (cols, x_shape, k, k, (s, s), (p, p)), bytes=nbytes, torch=torch_work)
 
 
-# the stride-1 3x3 convolutions of the default U-Net (x shape, output channels): GFLOP/s
-@factory(
-    "conv2d_stride1",
-    full=[((32, 32, 32, 32), 32), ((32, 64, 16, 16), 64), ((32, 128, 8, 8), 64)],
-    tiny=[((2, 4, 6, 6), 5)],
+# the 3x3 convolutions of the default U-Net, padding 1 (x shape, output channels, stride):
+# GFLOP/s
+CONV_SPECS = dict(
+    full=[
+        ((32, 32, 32, 32), 32, 1),
+        ((32, 64, 16, 16), 64, 1),
+        ((32, 128, 8, 8), 64, 1),
+        ((32, 64, 16, 16), 64, 2),
+    ],
+    tiny=[((2, 4, 6, 6), 5, 1), ((2, 4, 7, 7), 5, 2)],
 )
-def _conv2d_stride1_case(rng, x_shape, out_channels):
+
+
+def _conv_label_and_flops(x_shape, out_channels, stride):
     N, C, H, W = x_shape
-    x, weight = _randn(rng, x_shape), 0.1 * _randn(rng, (out_channels, C, 3, 3))
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1  # kernel 3, padding 1
+    label = f"x{_dims(x_shape)} o{out_channels} k3 s{stride} p1"
+    return label, 2 * N * out_channels * C * 9 * Ho * Wo, (N, out_channels, Ho, Wo)
+
+
+@factory("conv2d", **CONV_SPECS)
+def _conv2d_case(rng, x_shape, out_channels, stride):
+    x, weight = _randn(rng, x_shape), 0.1 * _randn(rng, (out_channels, x_shape[1], 3, 3))
+    label, flops, _ = _conv_label_and_flops(x_shape, out_channels, stride)
 
     def torch_work(torch):
-        return _no_grad(torch, lambda x, w: torch.nn.functional.conv2d(x, w, padding=1), x, weight)
+        conv = torch.nn.functional.conv2d
+        return _no_grad(torch, lambda x, w: conv(x, w, stride=stride, padding=1), x, weight)
 
-    flops = 2 * N * out_channels * C * 9 * H * W
-    return Case(
-        f"x{_dims(x_shape)} o{out_channels} k3 p1", (x, weight, (1, 1)), flops=flops, torch=torch_work
-    )
+    return Case(label, (x, weight, (stride, stride), (1, 1)), flops=flops, torch=torch_work)
 
 
 # ... and its weight gradient, from x and the output gradient gy: GFLOP/s
-@factory(
-    "conv2d_stride1_weight_grad",
-    full=[((32, 32, 32, 32), 32), ((32, 64, 16, 16), 64), ((32, 128, 8, 8), 64)],
-    tiny=[((2, 4, 6, 6), 5)],
-)
-def _conv2d_stride1_weight_grad_case(rng, x_shape, out_channels):
-    N, C, H, W = x_shape
-    x, gy = _randn(rng, x_shape), _randn(rng, (N, out_channels, H, W))
-    weight_shape = (out_channels, C, 3, 3)
+@factory("conv2d_weight_grad", **CONV_SPECS)
+def _conv2d_weight_grad_case(rng, x_shape, out_channels, stride):
+    label, flops, gy_shape = _conv_label_and_flops(x_shape, out_channels, stride)
+    x, gy = _randn(rng, x_shape), _randn(rng, gy_shape)
+    weight_shape = (out_channels, x_shape[1], 3, 3)
 
     def torch_work(torch):
         grad = torch.nn.grad.conv2d_weight
-        return _no_grad(torch, lambda x, gy: grad(x, weight_shape, gy, padding=1), x, gy)
+        return _no_grad(torch, lambda x, gy: grad(x, weight_shape, gy, stride=stride, padding=1), x, gy)
 
-    flops = 2 * N * out_channels * C * 9 * H * W
-    return Case(
-        f"x{_dims(x_shape)} o{out_channels} k3 p1", (x, gy, (3, 3), (1, 1)), flops=flops, torch=torch_work
-    )
+    return Case(label, (x, gy, (3, 3), (stride, stride), (1, 1)), flops=flops, torch=torch_work)
 
 
 # group norm: the U-Net's norm layers (x shape, groups); eps as in the U-Net

@@ -21,8 +21,8 @@ from .registry import IMPLEMENTATIONS, available, current, dispatcher, implement
 # conv.py
 im2col = dispatcher("im2col")
 col2im = dispatcher("col2im")
-conv2d_stride1 = dispatcher("conv2d_stride1")
-conv2d_stride1_weight_grad = dispatcher("conv2d_stride1_weight_grad")
+conv2d = dispatcher("conv2d")
+conv2d_weight_grad = dispatcher("conv2d_weight_grad")
 # norm.py
 group_norm_forward = dispatcher("group_norm_forward")
 group_norm_backward = dispatcher("group_norm_backward")
@@ -51,8 +51,8 @@ __all__ = [
     "which",
     "im2col",
     "col2im",
-    "conv2d_stride1",
-    "conv2d_stride1_weight_grad",
+    "conv2d",
+    "conv2d_weight_grad",
     "group_norm_forward",
     "group_norm_backward",
     "group_norm_silu_forward",

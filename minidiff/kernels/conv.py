@@ -16,12 +16,12 @@ CUDA col2im gives each pixel of x a thread that gathers the entries taken from i
 the reference's loops (kernel row, then kernel column) and in the data's dtype: the reference's
 sums, to the bit, without atomic additions.
 
-``conv2d_stride1(x, weight, padding, bias=None)`` is the whole stride-1 convolution and
-``conv2d_stride1_weight_grad(x, gy, kernel_size, padding)`` its weight gradient. Their references
-unfold and multiply as above; the native versions (kernels/conv_direct.cpp, float32) read the
-padded input in place, with no columns: each kernel tap is a constant shift of the flattened
-padded plane, so a tile of outputs (or of weight gradients) is a few vector loads and fused
-multiply-adds per input channel and tap. They have no Numba or CUDA version: there the
+``conv2d(x, weight, stride, padding, bias=None)`` is the whole convolution and
+``conv2d_weight_grad(x, gy, kernel_size, stride, padding)`` its weight gradient. Their
+references unfold and multiply as above; the native versions (kernels/conv_direct.cpp, float32)
+read the padded input in place, with no columns: each kernel tap is a constant shift of the
+flattened padded plane, so a tile of outputs (or of weight gradients) is a few vector loads and
+fused multiply-adds per input channel and tap. They have no Numba or CUDA version: there the
 convolution unfolds and calls BLAS / cuBLAS.
 """
 
@@ -101,9 +101,9 @@ def col2im_reference(cols, x_shape, kh, kw, stride, padding):
     return xp.ascontiguousarray(xpad[:, :, ph : ph + H, pw : pw + W])
 
 
-def _check_stride1(fn, x, weight, padding, bias=None):
-    """Check x (N, C, H, W), weight (O, C, kh, kw), padding and bias (O,) or None; return
-    ``(kh, kw, (ph, pw))``."""
+def _check_conv(fn, x, weight, stride, padding, bias=None):
+    """Check x (N, C, H, W), weight (O, C, kh, kw), stride, padding and bias (O,) or None; return
+    ``(kh, kw, (sh, sw), (ph, pw), (Ho, Wo))``."""
     arrays = dict(x=x, weight=weight) if bias is None else dict(x=x, weight=weight, bias=bias)
     float_dtype(fn, **arrays)
     if weight.ndim != 4 or x.ndim != 4 or weight.shape[1] != x.shape[1]:
@@ -114,27 +114,26 @@ def _check_stride1(fn, x, weight, padding, bias=None):
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"{fn}: bias must have shape (O,) = ({len(weight)},), got {tuple(bias.shape)}")
     kh, kw = weight.shape[2:]
-    *_, padding = conv_output_size(fn, x.shape, kh, kw, (1, 1), padding)
-    return kh, kw, padding
+    *_, Ho, Wo, stride, padding = conv_output_size(fn, x.shape, kh, kw, stride, padding)
+    return kh, kw, stride, padding, (Ho, Wo)
 
 
-@register("conv2d_stride1", "reference")
-def conv2d_stride1_reference(x, weight, padding, bias=None):
-    """Stride-1 convolution ``(N, O, Ho, Wo)`` of x ``(N, C, H, W)`` by weight ``(O, C, kh, kw)``
-    with zero padding, plus bias ``(O,)`` if given: the columns of every sample times the weight
-    as a matrix."""
-    kh, kw, padding = _check_stride1("conv2d_stride1", x, weight, padding, bias)
-    cols = im2col_reference(x, kh, kw, (1, 1), padding)  # (N, C*kh*kw, Ho*Wo)
-    Ho, Wo = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
+@register("conv2d", "reference")
+def conv2d_reference(x, weight, stride, padding, bias=None):
+    """Convolution ``(N, O, Ho, Wo)`` of x ``(N, C, H, W)`` by weight ``(O, C, kh, kw)`` with zero
+    padding, plus bias ``(O,)`` if given: the columns of every sample times the weight as a
+    matrix."""
+    kh, kw, stride, padding, (Ho, Wo) = _check_conv("conv2d", x, weight, stride, padding, bias)
+    cols = im2col_reference(x, kh, kw, stride, padding)  # (N, C*kh*kw, Ho*Wo)
     y = weight.reshape(len(weight), -1) @ cols
     if bias is not None:
         y += bias[:, None]
     return y.reshape(len(x), len(weight), Ho, Wo)
 
 
-def _check_stride1_weight_grad(fn, x, gy, kernel_size, padding):
-    """Check x (N, C, H, W), gy (N, O, Ho, Wo) against the kernel size and padding; return
-    ``(kh, kw, (ph, pw))``."""
+def _check_weight_grad(fn, x, gy, kernel_size, stride, padding):
+    """Check x (N, C, H, W), gy (N, O, Ho, Wo) against the kernel size, stride and padding;
+    return ``(kh, kw, (sh, sw), (ph, pw))``."""
     float_dtype(fn, x=x, gy=gy)
     kh, kw = pair(fn, "kernel size", kernel_size)
     if x.ndim != 4 or gy.ndim != 4 or gy.shape[0] != x.shape[0]:
@@ -142,22 +141,22 @@ def _check_stride1_weight_grad(fn, x, gy, kernel_size, padding):
             f"{fn}: need x (N, C, H, W) and gy (N, O, Ho, Wo) with the same N, "
             f"got x {tuple(x.shape)} and gy {tuple(gy.shape)}"
         )
-    *_, Ho, Wo, _, padding = conv_output_size(fn, x.shape, kh, kw, (1, 1), padding)
+    *_, Ho, Wo, stride, padding = conv_output_size(fn, x.shape, kh, kw, stride, padding)
     if gy.shape[2:] != (Ho, Wo):
         raise ValueError(
             f"{fn}: gy {tuple(gy.shape)} does not match x {tuple(x.shape)}: a ({kh}, {kw}) kernel "
-            f"with padding {padding} gives outputs of {Ho}x{Wo}"
+            f"with stride {stride} and padding {padding} gives outputs of {Ho}x{Wo}"
         )
-    return kh, kw, padding
+    return kh, kw, stride, padding
 
 
-@register("conv2d_stride1_weight_grad", "reference")
-def conv2d_stride1_weight_grad_reference(x, gy, kernel_size, padding):
-    """The weight gradient ``(O, C, kh, kw)`` of the stride-1 convolution, from x ``(N, C, H, W)``
-    and the output gradient gy ``(N, O, Ho, Wo)``: the sum over samples of gy[n] times the
-    transposed columns of x[n]."""
-    kh, kw, padding = _check_stride1_weight_grad("conv2d_stride1_weight_grad", x, gy, kernel_size, padding)
-    cols = im2col_reference(x, kh, kw, (1, 1), padding)  # (N, C*kh*kw, Ho*Wo)
+@register("conv2d_weight_grad", "reference")
+def conv2d_weight_grad_reference(x, gy, kernel_size, stride, padding):
+    """The weight gradient ``(O, C, kh, kw)`` of the convolution, from x ``(N, C, H, W)`` and the
+    output gradient gy ``(N, O, Ho, Wo)``: the sum over samples of gy[n] times the transposed
+    columns of x[n]."""
+    kh, kw, stride, padding = _check_weight_grad("conv2d_weight_grad", x, gy, kernel_size, stride, padding)
+    cols = im2col_reference(x, kh, kw, stride, padding)  # (N, C*kh*kw, Ho*Wo)
     g = gy.reshape(gy.shape[0], gy.shape[1], -1)  # (N, O, Ho*Wo)
     return (g @ cols.swapaxes(1, 2)).sum(axis=0).reshape(gy.shape[1], x.shape[1], kh, kw)
 
@@ -235,28 +234,27 @@ def col2im_native(cols, x_shape, kh, kw, stride, padding):
     return native.col2im(np.ascontiguousarray(cols), C, H, W, kh, kw, sh, sw, ph, pw)
 
 
-@register("conv2d_stride1", "native")
-def conv2d_stride1_native(x, weight, padding, bias=None):
+@register("conv2d", "native")
+def conv2d_native(x, weight, stride, padding, bias=None):
     """The direct kernel of kernels/conv_direct.cpp (no columns) for float32; float64, the
     precision path of the gradient checks, runs the reference."""
-    _, _, (ph, pw) = _check_stride1("conv2d_stride1", x, weight, padding, bias)
+    *_, (sh, sw), (ph, pw), _ = _check_conv("conv2d", x, weight, stride, padding, bias)
     if x.dtype != np.float32:
-        return conv2d_stride1_reference(x, weight, (ph, pw), bias)
+        return conv2d_reference(x, weight, (sh, sw), (ph, pw), bias)
     contiguous = np.ascontiguousarray
-    return native.conv2d_direct(
-        contiguous(x), contiguous(weight), ph, pw, None if bias is None else contiguous(bias)
-    )
+    b = None if bias is None else contiguous(bias)
+    return native.conv2d_direct(contiguous(x), contiguous(weight), ph, pw, b, sh, sw)
 
 
-@register("conv2d_stride1_weight_grad", "native")
-def conv2d_stride1_weight_grad_native(x, gy, kernel_size, padding):
+@register("conv2d_weight_grad", "native")
+def conv2d_weight_grad_native(x, gy, kernel_size, stride, padding):
     """The direct weight gradient of kernels/conv_direct.cpp (no columns) for float32; float64
     runs the reference."""
-    fn = "conv2d_stride1_weight_grad"
-    kh, kw, (ph, pw) = _check_stride1_weight_grad(fn, x, gy, kernel_size, padding)
+    kh, kw, (sh, sw), (ph, pw) = _check_weight_grad("conv2d_weight_grad", x, gy, kernel_size, stride, padding)
     if x.dtype != np.float32:
-        return conv2d_stride1_weight_grad_reference(x, gy, (kh, kw), (ph, pw))
-    return native.conv2d_direct_weight_grad(np.ascontiguousarray(x), np.ascontiguousarray(gy), kh, kw, ph, pw)
+        return conv2d_weight_grad_reference(x, gy, (kh, kw), (sh, sw), (ph, pw))
+    contiguous = np.ascontiguousarray
+    return native.conv2d_direct_weight_grad(contiguous(x), contiguous(gy), kh, kw, ph, pw, sh, sw)
 
 
 # -- Numba CUDA ------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class Conv2d(Function):
         wo = (w + 2 * padding[1] - kw) // stride[1] + 1
         w2 = weight.reshape(o, -1)
         if self._runs_direct(x, weight) and (bias is None or bias.dtype == np.float32):
-            y = kernels.conv2d_stride1(x, weight, padding, bias).reshape(n, o, ho * wo)
+            y = kernels.conv2d(x, weight, stride, padding, bias).reshape(n, o, ho * wo)
             bias = None  # added by the kernel
         elif self._is_pointwise(kh, kw):  # a 1x1 conv needs no unfolding
             y = w2 @ x.reshape(n, c, h * w)
@@ -59,19 +59,18 @@ class Conv2d(Function):
     def _runs_direct(self, x, weight):
         """Whether the direct kernels (kernels/conv_direct.cpp: no columns; a U-Net step 1.5x
         faster than unfolding then multiplying with AVX-512 or with AVX2; slower without either,
-        where BLAS keeps the work) compute this stride-1 float32 convolution on the CPU, 1x1 included
-        (one kernel call instead of a small matrix product per sample). Padding below the kernel
-        size, so that the input gradient, the same convolution of gy with the kernel flipped and
-        padded k - 1 - p, runs it too."""
+        where BLAS keeps the work) compute this float32 convolution on the CPU, 1x1 included (one
+        kernel call instead of a small matrix product per sample). Padding below the kernel size,
+        so that the input gradient, convolutions of gy with the kernel flipped (one per phase of
+        the stride, see _input_grad_by_phases), runs them too."""
         kh, kw = weight.shape[2:]
         return (
             _DIRECT_IS_VECTORIZED
             and isinstance(x, np.ndarray)
             and x.dtype == weight.dtype == np.float32
-            and self.stride == (1, 1)
             and self.padding[0] < kh
             and self.padding[1] < kw
-            and kernels.which("conv2d_stride1") == "native"
+            and kernels.which("conv2d") == "native"
         )
 
     def _input_grad_is_a_conv(self, o, c, kh, kw):
@@ -109,16 +108,16 @@ class Conv2d(Function):
             xp = get_array_module(x)
             n, c, h, w = x.shape
             direct_x = need_x and direct
-            direct_w = need_w and direct and kernels.which("conv2d_stride1_weight_grad") == "native"
+            direct_w = need_w and direct and kernels.which("conv2d_weight_grad") == "native"
             as_conv = need_x and not direct_x and self._input_grad_is_a_conv(o, c, kh, kw)
-            if direct_x or as_conv:
+            if as_conv:
                 # gx = gy (*) weight flipped in space, with O and C swapped, padded k - 1 - p
                 w_flip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].swapaxes(0, 1))
                 pad_flip = (kh - 1 - self.padding[0], kw - 1 - self.padding[1])
             if direct_x:
-                gx = kernels.conv2d_stride1(gy, w_flip, pad_flip)
+                gx = _input_grad_by_phases(gy, weight, x.shape, self.stride, self.padding)
             if direct_w:
-                gw = kernels.conv2d_stride1_weight_grad(x, gy, (kh, kw), self.padding)
+                gw = kernels.conv2d_weight_grad(x, gy, (kh, kw), self.stride, self.padding)
             x_in_chunks = need_x and not direct_x  # gx computed chunk by chunk below
             w_in_chunks = need_w and not direct_w
             gcols_dtype = xp.result_type(w2, g)
@@ -150,6 +149,52 @@ class Conv2d(Function):
         if self.has_bias and self.needs_input_grad[2]:
             gb = get_array_module(gy).einsum("nol->o", g)  # 3x faster than gy.sum(axis=(0, 2, 3))
         return gx, gw, gb
+
+
+def _input_grad_by_phases(gy, weight, x_shape, stride, padding):
+    """gx of a convolution as stride-1 convolutions of gy, one per phase of the stride.
+
+    Input row h meets kernel row i at output row u where h + p = u*s + i. The rows of one phase
+    a = (h + p) % s meet only the taps i = a, a + s, ...: for them gx is gy correlated, at stride
+    1, with that sub-kernel flipped (O and C swapped). At stride 1 there is one phase, the whole
+    kernel padded k - 1 - p; at stride 2 a 3x3 kernel splits into 2x2, 2x1, 1x2 and 1x1 parts,
+    the same multiply-adds as the transposed convolution, none on zeros."""
+    n, c, H, W = x_shape
+    rows = [_phase(a, stride[0], padding[0], weight.shape[2], H, gy.shape[2]) for a in range(stride[0])]
+    cols = [_phase(b, stride[1], padding[1], weight.shape[3], W, gy.shape[3]) for b in range(stride[1])]
+    if stride == (1, 1):
+        gx = None  # one phase: the output is gx itself
+    else:  # phases without a tap (kernel smaller than the stride) get no gradient
+        gx = np.zeros(x_shape, dtype=gy.dtype)
+    for a, r in enumerate(rows):
+        for b, q in enumerate(cols):
+            if r is None or q is None:
+                continue
+            sub = weight[:, :, a :: stride[0], b :: stride[1]][:, :, ::-1, ::-1].swapaxes(0, 1)
+            out = kernels.conv2d(gy, np.ascontiguousarray(sub), (1, 1), (r[1], q[1]))
+            part = out[:, :, r[2] : r[3], q[2] : q[3]]
+            if gx is None:
+                return np.ascontiguousarray(part)
+            gx[:, :, r[0] :: stride[0], q[0] :: stride[1]] = part
+    return gx
+
+
+def _phase(a, s, p, k, size, out_size):
+    """One phase of one axis of the input gradient: the input positions h with (h + p) % s == a,
+    which meet the kernel taps a, a + s, ... Returns (first h, the symmetric padding of the
+    stride-1 correlation, and the slice [lo, hi) of its outputs that are those positions, in
+    order), or None when the phase has no tap or no position."""
+    taps = len(range(a, k, s))
+    first = (a - p) % s
+    if taps == 0 or first >= size:
+        return None
+    last = first + (size - 1 - first) // s * s
+    u_first, u_last = (first + p - a) // s, (last + p - a) // s  # output rows that h meets first
+    # The correlation's output t = u + pad - (taps - 1) needs t >= 0 at u_first and gy rows
+    # down to u_last; one padding serves both sides (at stride 1: k - 1 - p, all outputs kept).
+    top = taps - 1
+    pad = max(top - u_first, u_last - out_size + 1, 0)
+    return first, pad, u_first + pad - top, u_last + pad - top + 1
 
 
 def _weight_grad_t(cols, g):

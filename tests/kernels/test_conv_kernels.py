@@ -1,4 +1,4 @@
-"""im2col / col2im, the stride-1 convolution and its weight gradient: every implementation against
+"""im2col / col2im, the whole convolution and its weight gradient: every implementation against
 naive loops, torch, and the reference."""
 
 import itertools
@@ -201,15 +201,16 @@ def test_col2im_rejects_bad_input(col2im):
         col2im(cols.astype(np.float16), (1, 2, 3, 3), 2, 2, (1, 1), (0, 0))
 
 
-# -- conv2d_stride1: the direct convolution -----------------------------------------------------
+# -- conv2d: the whole convolution (native: direct, no columns) --------------------------------
 
 
 @st.composite
-def stride1_cases(draw):
-    """Kernels 1-5 (any padding, also beyond the kernel), 1-9 output channels (the native
-    positions-as-lanes tile holds 3 or 4: remainders) or a multiple of 16 (the native
+def direct_conv_cases(draw):
+    """Kernels 1-5 (any padding, also beyond the kernel), strides 1-3, 1-9 output channels (the
+    native positions-as-lanes tile holds 3 or 4: remainders) or a multiple of 16 (the native
     channels-as-lanes tiles), odd sizes, both dtypes, any input layout."""
     kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
     H = draw(st.integers(max(1, kh - 2 * ph), 9))
     W = draw(st.integers(max(1, kw - 2 * pw), 9))
@@ -221,23 +222,23 @@ def stride1_cases(draw):
     x = make_array(rng, (N, C, H, W), dtype, draw(layouts))
     weight = make_array(rng, (out, C, kh, kw), dtype, draw(layouts))
     bias = draw(st.sampled_from([None, make_array(rng, (out,), dtype, draw(layouts))]))
-    return x, weight, (ph, pw), bias
+    return x, weight, (sh, sw), (ph, pw), bias
 
 
-@pytest.mark.parametrize("conv", impls("conv2d_stride1"))
+@pytest.mark.parametrize("conv", impls("conv2d"))
 @settings(deadline=None)
-@given(case=stride1_cases())
-def test_conv2d_stride1_matches_naive_loops(conv, case):
-    x, weight, padding, bias = case
-    y = conv(x, weight, padding, bias)
+@given(case=direct_conv_cases())
+def test_conv2d_matches_naive_loops(conv, case):
+    x, weight, stride, padding, bias = case
+    y = conv(x, weight, stride, padding, bias)
     assert y.dtype == x.dtype
-    expected = naive_conv2d(x, weight, (1, 1), padding)
+    expected = naive_conv2d(x, weight, stride, padding)
     if bias is not None:
         expected += bias[:, None, None]
     np.testing.assert_allclose(y, expected, **TOL[x.dtype.type])
 
 
-@pytest.mark.parametrize("conv", impls("conv2d_stride1", names=("native",)))
+@pytest.mark.parametrize("conv", impls("conv2d", names=("native",)))
 @pytest.mark.parametrize(
     "shape, out_channels, kernel, padding",
     [
@@ -257,35 +258,39 @@ def test_conv2d_stride1_matches_naive_loops(conv, case):
         ((2, 7, 10, 10), 16, (1, 1), (0, 0)),
     ],
 )
-def test_native_conv2d_stride1_at_vector_sizes(conv, shape, out_channels, kernel, padding):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_native_conv2d_at_vector_sizes(conv, shape, out_channels, kernel, padding, stride):
     """Planes wider than one vector tile, the last tile of every length, every output-channel
-    split, with and without the bias: against the reference."""
+    split, with and without the bias, at strides 1 and 2 (channels as lanes whatever O, with
+    zero weights past O): against the reference."""
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape).astype(np.float32)
     weight = rng.standard_normal((out_channels, shape[1], *kernel)).astype(np.float32)
     bias = rng.standard_normal(out_channels).astype(np.float32)
-    reference = kernels.implementations("conv2d_stride1")["reference"]
+    reference = kernels.implementations("conv2d")["reference"]
+    s = (stride, stride)
     for b in (None, bias):
         np.testing.assert_allclose(
-            conv(x, weight, padding, b), reference(x, weight, padding, b), **TOL[np.float32]
+            conv(x, weight, s, padding, b), reference(x, weight, s, padding, b), **TOL[np.float32]
         )
 
 
 @pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_native_conv2d_stride1_narrower_vectors(isa):
+def test_native_conv2d_narrower_vectors(isa):
     """The CPU picks the widest version at load time; MINIDIFF_CONV_ISA runs the others here."""
     code = (
         "import numpy as np; from minidiff import _native, kernels; rng = np.random.default_rng(1)\n"
         "x = rng.standard_normal((2, 5, 13, 17)).astype(np.float32)\n"
         "w = rng.standard_normal((7, 5, 3, 3)).astype(np.float32)\n"
-        "ref = kernels.implementations('conv2d_stride1')['reference'](x, w, (1, 1))\n"
+        "ref = kernels.implementations('conv2d')['reference'](x, w, (1, 1), (1, 1))\n"
         "err = np.abs(_native.conv2d_direct(x, w, 1, 1) - ref).max() / np.abs(ref).max()\n"
         "w16 = rng.standard_normal((16, 5, 3, 3)).astype(np.float32)\n"
-        "ref16 = kernels.implementations('conv2d_stride1')['reference'](x, w16, (1, 1))\n"
-        "err = max(err, np.abs(_native.conv2d_direct(x, w16, 1, 1) - ref16).max() / np.abs(ref16).max())\n"
+        "ref16 = kernels.implementations('conv2d')['reference'](x, w16, (2, 2), (1, 1))\n"
+        "y16 = _native.conv2d_direct(x, w16, 1, 1, None, 2, 2)\n"
+        "err = max(err, np.abs(y16 - ref16).max() / np.abs(ref16).max())\n"
         "gy = rng.standard_normal((2, 37, 13, 17)).astype(np.float32)\n"
-        "ref = kernels.implementations('conv2d_stride1_weight_grad')['reference'](x, gy, (3, 3), (1, 1))\n"
+        "ref = kernels.implementations('conv2d_weight_grad')['reference'](x, gy, (3, 3), (1, 1), (1, 1))\n"
         "gw = _native.conv2d_direct_weight_grad(x, gy, 3, 3, 1, 1)\n"
         "print(_native.conv2d_direct_isa, err, np.abs(gw - ref).max() / np.abs(ref).max())"
     )
@@ -296,55 +301,60 @@ def test_native_conv2d_stride1_narrower_vectors(isa):
     assert float(err) < 1e-5 and float(err_weight_grad) < 1e-5
 
 
-def test_reference_conv2d_stride1_matches_torch():
+def test_reference_conv2d_matches_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     x, weight = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, 3, 2))
-    y = kernels.implementations("conv2d_stride1")["reference"](x, weight, (1, 2))
-    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), padding=(1, 2))
+    y = kernels.implementations("conv2d")["reference"](x, weight, (2, 1), (1, 2))
+    tx, tw = torch.from_numpy(x), torch.from_numpy(weight)
+    expected = torch.nn.functional.conv2d(tx, tw, stride=(2, 1), padding=(1, 2))
     np.testing.assert_allclose(y, expected.numpy(), **TOL[np.float64])
 
 
-@pytest.mark.parametrize("conv", impls("conv2d_stride1"))
-def test_conv2d_stride1_rejects_bad_input(conv):
+@pytest.mark.parametrize("conv", impls("conv2d"))
+def test_conv2d_rejects_bad_input(conv):
     x, weight = np.zeros((1, 2, 4, 4), np.float32), np.zeros((3, 2, 3, 3), np.float32)
-    with pytest.raises(TypeError, match="conv2d_stride1: all arrays must have the same dtype"):
-        conv(x, weight.astype(np.float64), (1, 1))
-    with pytest.raises(TypeError, match="conv2d_stride1: x has dtype int64"):
-        conv(x.astype(np.int64), weight, (1, 1))
+    with pytest.raises(TypeError, match="conv2d: all arrays must have the same dtype"):
+        conv(x, weight.astype(np.float64), (1, 1), (1, 1))
+    with pytest.raises(TypeError, match="conv2d: x has dtype int64"):
+        conv(x.astype(np.int64), weight, (1, 1), (1, 1))
     with pytest.raises(ValueError, match=r"same C, got x \(1, 2, 4, 4\) and weight \(3, 5, 3, 3\)"):
-        conv(x, np.zeros((3, 5, 3, 3), np.float32), (1, 1))
+        conv(x, np.zeros((3, 5, 3, 3), np.float32), (1, 1), (1, 1))
     with pytest.raises(ValueError, match="does not fit"):
-        conv(x, np.zeros((3, 2, 7, 3), np.float32), (1, 1))
+        conv(x, np.zeros((3, 2, 7, 3), np.float32), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="stride >= 1"):
+        conv(x, weight, (0, 1), (1, 1))
     with pytest.raises(ValueError, match="padding"):
-        conv(x, weight, (-1, 0))
-    with pytest.raises(ValueError, match=r"conv2d_stride1: bias must have shape \(O,\) = \(3,\), got \(2,\)"):
-        conv(x, weight, (1, 1), np.zeros(2, np.float32))
-    with pytest.raises(TypeError, match="conv2d_stride1: all arrays must have the same dtype"):
-        conv(x, weight, (1, 1), np.zeros(3, np.float64))
+        conv(x, weight, (1, 1), (-1, 0))
+    with pytest.raises(ValueError, match=r"conv2d: bias must have shape \(O,\) = \(3,\), got \(2,\)"):
+        conv(x, weight, (1, 1), (1, 1), np.zeros(2, np.float32))
+    with pytest.raises(TypeError, match="conv2d: all arrays must have the same dtype"):
+        conv(x, weight, (1, 1), (1, 1), np.zeros(3, np.float64))
 
 
-# -- conv2d_stride1_weight_grad: the direct weight gradient -------------------------------------
+# -- conv2d_weight_grad: its weight gradient (native: direct) --------------------------------
 
 
-def naive_weight_grad(x, gy, kernel_size, padding):
-    """gw[o, c, i, j] = sum over n, oh, ow of gy[n, o, oh, ow] * x_padded[n, c, oh + i, ow + j],
+def naive_weight_grad(x, gy, kernel_size, stride, padding):
+    """gw[o, c, i, j] = sum over n, oh, ow of gy[n, o, oh, ow] * x_padded[n, c, oh*sh + i, ow*sw + j],
     one kernel tap at a time, in float64."""
-    (kh, kw), (ph, pw) = kernel_size, padding
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     Ho, Wo = gy.shape[2:]
     xpad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     gw = np.zeros((gy.shape[1], x.shape[1], kh, kw))
     for i, j in itertools.product(range(kh), range(kw)):
-        gw[:, :, i, j] = np.einsum("nohw,nchw->oc", gy.astype(np.float64), xpad[:, :, i : i + Ho, j : j + Wo])
+        window = xpad[:, :, i : i + sh * (Ho - 1) + 1 : sh, j : j + sw * (Wo - 1) + 1 : sw]
+        gw[:, :, i, j] = np.einsum("nohw,nchw->oc", gy.astype(np.float64), window)
     return gw
 
 
 @st.composite
 def weight_grad_cases(draw):
-    """Kernels 1-5 (any padding), 1-70 output channels (the native tiles hold 1-4 vectors of 4,
-    8 or 16 channels: every remainder), 1-5 input channels (rows C*kh*kw: partial row tiles),
-    odd sizes, both dtypes, any layout of x and gy."""
+    """Kernels 1-5 (any padding), strides 1-3, 1-70 output channels (the native tiles hold 1-4
+    vectors of 4, 8 or 16 channels: every remainder), 1-5 input channels (rows C*kh*kw: partial
+    row tiles), odd sizes, both dtypes, any layout of x and gy."""
     kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
     H = draw(st.integers(max(1, kh - 2 * ph), 9))
     W = draw(st.integers(max(1, kw - 2 * pw), 9))
@@ -353,68 +363,77 @@ def weight_grad_cases(draw):
     layouts = st.sampled_from(["contiguous", "transposed", "strided"])
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = make_array(rng, (N, C, H, W), dtype, draw(layouts))
-    gy = make_array(rng, (N, out, H + 2 * ph - kh + 1, W + 2 * pw - kw + 1), dtype, draw(layouts))
-    return x, gy, (kh, kw), (ph, pw)
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    gy = make_array(rng, (N, out, Ho, Wo), dtype, draw(layouts))
+    return x, gy, (kh, kw), (sh, sw), (ph, pw)
 
 
-@pytest.mark.parametrize("weight_grad", impls("conv2d_stride1_weight_grad"))
+@pytest.mark.parametrize("weight_grad", impls("conv2d_weight_grad"))
 @settings(deadline=None)
 @given(case=weight_grad_cases())
-def test_conv2d_stride1_weight_grad_matches_naive_loops(weight_grad, case):
-    x, gy, kernel_size, padding = case
-    gw = weight_grad(x, gy, kernel_size, padding)
+def test_conv2d_weight_grad_matches_naive_loops(weight_grad, case):
+    x, gy, kernel_size, stride, padding = case
+    gw = weight_grad(x, gy, kernel_size, stride, padding)
     assert gw.dtype == x.dtype and gw.shape == (gy.shape[1], x.shape[1], *kernel_size)
-    np.testing.assert_allclose(gw, naive_weight_grad(x, gy, kernel_size, padding), **TOL[x.dtype.type])
+    expected = naive_weight_grad(x, gy, kernel_size, stride, padding)
+    np.testing.assert_allclose(gw, expected, **TOL[x.dtype.type])
 
 
-@pytest.mark.parametrize("weight_grad", impls("conv2d_stride1_weight_grad", names=("native",)))
+@pytest.mark.parametrize("weight_grad", impls("conv2d_weight_grad", names=("native",)))
 @pytest.mark.parametrize(
-    "shape, out_channels, kernel, padding",
+    "shape, out_channels, kernel, stride, padding",
     [
-        ((5, 7, 19, 23), 80, (3, 3), (1, 1)),  # 4 + 1 vectors of 16 channels, 63 rows
-        ((1, 5, 8, 8), 33, (3, 3), (1, 1)),  # one sample: its tiles are split between the threads
-        ((3, 4, 16, 16), 48, (5, 3), (2, 0)),
-        ((2, 3, 33, 30), 16, (2, 4), (0, 3)),
-        ((4, 1, 12, 12), 1, (3, 3), (1, 1)),  # one output channel: 15 zero lanes
+        ((5, 7, 19, 23), 80, (3, 3), (1, 1), (1, 1)),  # 4 + 1 vectors of 16 channels, 63 rows
+        ((1, 5, 8, 8), 33, (3, 3), (1, 1), (1, 1)),  # one sample: its tiles are split between the threads
+        ((3, 4, 16, 16), 48, (5, 3), (1, 1), (2, 0)),
+        ((2, 3, 33, 30), 16, (2, 4), (1, 1), (0, 3)),
+        ((4, 1, 12, 12), 1, (3, 3), (1, 1), (1, 1)),  # one output channel: 15 zero lanes
+        ((3, 6, 16, 16), 64, (3, 3), (2, 2), (1, 1)),  # the U-Net's downsampling
+        ((2, 5, 17, 14), 20, (3, 3), (2, 3), (1, 1)),
     ],
 )
-def test_native_conv2d_stride1_weight_grad_at_vector_sizes(weight_grad, shape, out_channels, kernel, padding):
-    """Planes of many positions, every tile shape and remainder: against the reference."""
+def test_native_conv2d_weight_grad_at_vector_sizes(weight_grad, shape, out_channels, kernel, stride, padding):
+    """Planes of many positions, every tile shape and remainder: against the definition."""
     rng = np.random.default_rng(sum(shape) + out_channels)
     x = rng.standard_normal(shape).astype(np.float32)
-    Ho, Wo = shape[2] + 2 * padding[0] - kernel[0] + 1, shape[3] + 2 * padding[1] - kernel[1] + 1
+    Ho = (shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    Wo = (shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
     gy = rng.standard_normal((shape[0], out_channels, Ho, Wo)).astype(np.float32)
-    expected = naive_weight_grad(x, gy, kernel, padding)
+    expected = naive_weight_grad(x, gy, kernel, stride, padding)
     # float32 sums of N*Ho*Wo products: relative to the size of the terms, not of the result
     scale = np.sqrt(shape[0] * Ho * Wo)
-    np.testing.assert_allclose(weight_grad(x, gy, kernel, padding), expected, rtol=1e-4, atol=1e-5 * scale)
+    got = weight_grad(x, gy, kernel, stride, padding)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_reference_conv2d_stride1_weight_grad_matches_torch():
+def test_reference_conv2d_weight_grad_matches_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     x, weight = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, 3, 2))
-    gy = rng.standard_normal((2, 4, 7, 7))
+    gy = rng.standard_normal((2, 4, 4, 7))
     tw = torch.from_numpy(weight).requires_grad_()
-    torch.nn.functional.conv2d(torch.from_numpy(x), tw, padding=(1, 1)).backward(torch.from_numpy(gy))
-    gw = kernels.implementations("conv2d_stride1_weight_grad")["reference"](x, gy, (3, 2), (1, 1))
+    y = torch.nn.functional.conv2d(torch.from_numpy(x), tw, stride=(2, 1), padding=(1, 1))
+    y.backward(torch.from_numpy(gy))
+    gw = kernels.implementations("conv2d_weight_grad")["reference"](x, gy, (3, 2), (2, 1), (1, 1))
     np.testing.assert_allclose(gw, tw.grad.numpy(), **TOL[np.float64])
 
 
-@pytest.mark.parametrize("weight_grad", impls("conv2d_stride1_weight_grad"))
-def test_conv2d_stride1_weight_grad_rejects_bad_input(weight_grad):
-    fn = "conv2d_stride1_weight_grad"
+@pytest.mark.parametrize("weight_grad", impls("conv2d_weight_grad"))
+def test_conv2d_weight_grad_rejects_bad_input(weight_grad):
+    fn = "conv2d_weight_grad"
     x, gy = np.zeros((2, 2, 4, 4), np.float32), np.zeros((2, 3, 4, 4), np.float32)
     with pytest.raises(TypeError, match=f"{fn}: all arrays must have the same dtype"):
-        weight_grad(x, gy.astype(np.float64), (3, 3), (1, 1))
+        weight_grad(x, gy.astype(np.float64), (3, 3), (1, 1), (1, 1))
     with pytest.raises(TypeError, match=f"{fn}: x has dtype int64"):
-        weight_grad(x.astype(np.int64), gy, (3, 3), (1, 1))
+        weight_grad(x.astype(np.int64), gy, (3, 3), (1, 1), (1, 1))
     with pytest.raises(ValueError, match=r"same N, got x \(2, 2, 4, 4\) and gy \(1, 3, 4, 4\)"):
-        weight_grad(x, gy[:1], (3, 3), (1, 1))
+        weight_grad(x, gy[:1], (3, 3), (1, 1), (1, 1))
     with pytest.raises(ValueError, match=r"gy \(2, 3, 4, 4\) does not match x .* outputs of 2x2"):
-        weight_grad(x, gy, (3, 3), (0, 0))
+        weight_grad(x, gy, (3, 3), (1, 1), (0, 0))
+    with pytest.raises(ValueError, match=r"stride \(2, 2\) and padding \(1, 1\) gives outputs of 2x2"):
+        weight_grad(x, gy, (3, 3), (2, 2), (1, 1))
     with pytest.raises(ValueError, match="does not fit"):
-        weight_grad(x, gy, (7, 3), (1, 1))
+        weight_grad(x, gy, (7, 3), (1, 1), (1, 1))
 
 
 @pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])

@@ -141,20 +141,36 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
 
 
 @pytest.mark.skipif(
-    kernels.which("conv2d_stride1") != "native", reason="the direct convolution needs the native kernels"
+    kernels.which("conv2d") != "native", reason="the direct convolution needs the native kernels"
 )
 @pytest.mark.parametrize(
-    "kernel, padding, out_channels", [(3, 1, 5), (3, 0, 4), (5, 2, 9), (2, 1, 6), (1, 0, 7)]
+    "kernel, stride, padding, out_channels, input_grad_calls",
+    [
+        (3, 1, 1, 5, 1),
+        (3, 1, 0, 4, 1),
+        (5, 1, 2, 9, 1),
+        (2, 1, 1, 6, 1),
+        (1, 1, 0, 7, 1),
+        (3, 2, 1, 16, 4),  # the U-Net's downsampling: one stride-1 convolution per phase
+        (3, 3, 0, 5, 9),  # kernel 3, stride 3: 9 phases of one tap each
+        (3, 3, 1, 5, 9),
+        (2, 3, 1, 4, 4),  # kernel 2, stride 3: a third of the rows and columns meet no tap
+        (1, 2, 0, 3, 1),  # only the even rows and columns meet the kernel: the rest get zeros
+    ],
 )
-def test_conv2d_direct_path_matches_unfolding(monkeypatch, kernel, padding, out_channels):
-    """float32 stride-1 convs (1x1 too) run the direct kernel forward and for the input gradient,
-    and the direct weight gradient; values and gradients agree with the unfolding (or, for 1x1,
-    matrix product) path and with the definition."""
+def test_conv2d_direct_path_matches_unfolding(
+    monkeypatch, kernel, stride, padding, out_channels, input_grad_calls
+):
+    """float32 convs with padding below the kernel (1x1 and strided too) run the direct kernel
+    forward and for the input gradient (a stride-1 convolution per phase of the stride), and the
+    direct weight gradient; values and gradients agree with the unfolding (or, for 1x1, matrix
+    product) path and with the definition."""
     rng = np.random.default_rng(kernel * 10 + out_channels)
     x = rng.standard_normal((3, 6, 9, 11)).astype(np.float32)
     w = rng.standard_normal((out_channels, 6, kernel, kernel)).astype(np.float32)
     b = rng.standard_normal(out_channels).astype(np.float32)
-    gy = rng.standard_normal((3, out_channels, 9 + 2 * padding - kernel + 1, 11 + 2 * padding - kernel + 1))
+    Ho, Wo = (9 + 2 * padding - kernel) // stride + 1, (11 + 2 * padding - kernel) // stride + 1
+    gy = rng.standard_normal((3, out_channels, Ho, Wo))
 
     def run():
         tx, tw, tb = (
@@ -162,26 +178,24 @@ def test_conv2d_direct_path_matches_unfolding(monkeypatch, kernel, padding, out_
             md.tensor(w, requires_grad=True),
             md.tensor(b, requires_grad=True),
         )
-        out = F.conv2d(tx, tw, tb, padding=padding)
+        out = F.conv2d(tx, tw, tb, stride=stride, padding=padding)
         (out * md.tensor(gy.astype(np.float32))).sum().backward()
         return out.numpy(), tx.grad, tw.grad, tb.grad
 
     calls, weight_grad_calls = [], []
-    direct, direct_weight_grad = kernels.conv2d_stride1, kernels.conv2d_stride1_weight_grad
-    monkeypatch.setattr(kernels, "conv2d_stride1", lambda *a: calls.append(a[1].shape) or direct(*a))
+    direct, direct_weight_grad = kernels.conv2d, kernels.conv2d_weight_grad
+    monkeypatch.setattr(kernels, "conv2d", lambda *a: calls.append(a[1].shape) or direct(*a))
     monkeypatch.setattr(
-        kernels,
-        "conv2d_stride1_weight_grad",
-        lambda *a: weight_grad_calls.append(a[2]) or direct_weight_grad(*a),
+        kernels, "conv2d_weight_grad", lambda *a: weight_grad_calls.append(a[2:4]) or direct_weight_grad(*a)
     )
     got = run()
-    assert len(calls) == 2  # forward, and the input gradient with the flipped kernel
-    assert weight_grad_calls == [(kernel, kernel)]
+    assert len(calls) == 1 + input_grad_calls  # forward, then the input gradient's phases
+    assert weight_grad_calls == [((kernel, kernel), (stride, stride))]
     with kernels.use("numba"):  # no numba direct kernel: im2col and matrix products
         unfolded = run()
     for a, e in zip(got, unfolded):
         np.testing.assert_allclose(a, e, **tolerance(np.float32))
-    expected = ref_conv2d(x.astype(np.float64), w.astype(np.float64), b, (1, 1), (padding, padding))
+    expected = ref_conv2d(x.astype(np.float64), w.astype(np.float64), b, (stride, stride), (padding, padding))
     np.testing.assert_allclose(got[0], expected, **tolerance(np.float32))
 
 
