@@ -332,13 +332,14 @@ MINIDIFF_INLINE void weight_grad_task(const WeightGradPlan& pl, const LaneTile& 
 
 // -- The forward pass with the lanes on output channels ----------------------------------------
 //
-// Where O is a multiple of the vector width, the forward pass runs the weight gradient's tile
-// shape: R kept output positions x V vectors of output channels, summed over the rows (c, t),
-// each a broadcast of xpad at the position's flat offset plus shift_t times V loads of the
-// transposed weight wt (C*T, Opad). No position is computed to be dropped (the tile walks kept
-// positions only, across row ends) and every load is a whole aligned row of wt: on 8x8 planes the
-// positions-as-lanes tile computes 80 outputs for 64 kept. The tile's R x O block of y is stored
-// through a small buffer (y is (O, positions)).
+// Where O is a multiple of the vector width, or the stride is not 1 (O then rounded up with zero
+// weights), the forward pass runs the weight gradient's tile shape: R kept output positions x V
+// vectors of output channels, summed over the rows (c, t), each a broadcast of xpad at the
+// position's flat offset plus shift_t times V loads of the transposed weight wt (C*T, Opad). No
+// position is computed to be dropped (the tile walks kept positions only, across row ends, at
+// any stride) and every load is a contiguous run of wt: on 8x8 planes the positions-as-lanes
+// tile computes 80 outputs for 64 kept. The tile's R x O block of y is stored through a small
+// buffer (y is (O, positions)).
 
 struct ChannelLanesPlan {
     const FlatGeometry& g;
