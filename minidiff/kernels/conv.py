@@ -1,4 +1,4 @@
-"""Convolution helpers: im2col and its adjoint col2im, and the stride-1 convolution itself.
+"""Convolution helpers: im2col and its adjoint col2im, and the convolution itself with its weight gradient.
 
 A 2-D convolution is a matrix product once every receptive field is laid out as a column:
 
