@@ -11,6 +11,7 @@ from strategies import arrays, leaf
 import minidiff as md
 import minidiff.functional as F
 from minidiff import kernels
+from minidiff.ops import conv as conv_ops
 from minidiff.testing import gradcheck, tolerance
 
 DTYPES = [np.float32, np.float64]
@@ -116,8 +117,6 @@ def test_conv2d_under_each_kernel_implementation(impl, stride, padding, k):
 @pytest.mark.parametrize("out_channels", [1, 3])  # gx as a conv of gy (O < C, stride 1) or by col2im
 def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, padding, k, out_channels):
     """The CPU path unfolds a few samples at a time; values and gradients do not depend on it."""
-    from minidiff.ops import conv as conv_op
-
     rng = np.random.default_rng(k)
     o = out_channels
     x, w, b = rng.standard_normal((5, 2, 4, 5)), rng.standard_normal((o, 2, k, k)), rng.standard_normal(o)
@@ -129,8 +128,8 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
         return out.numpy(), tx.grad, tw.grad, tb.grad
 
     whole = run()
-    monkeypatch.setattr(conv_op, "COLS_CHUNK_BYTES", chunk_bytes)
-    chunks = conv_op.Conv2d._chunks(x, 2 * k * k * 8)
+    monkeypatch.setattr(conv_ops, "COLS_CHUNK_BYTES", chunk_bytes)
+    chunks = conv_ops.Conv2d._chunks(x, 2 * k * k * 8)
     assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == 5
     chunked = run()
     expected = ref_conv2d(x, w, b, (stride,) * 2, (padding,) * 2)
@@ -141,7 +140,8 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
 
 
 @pytest.mark.skipif(
-    kernels.which("conv2d") != "native", reason="the direct convolution needs the native kernels"
+    kernels.which("conv2d") != "native" or not conv_ops._DIRECT_IS_VECTORIZED,
+    reason="the direct convolution needs the native kernels and a CPU with AVX2 or AVX-512",
 )
 @pytest.mark.parametrize(
     "kernel, stride, padding, out_channels, input_grad_calls",
