@@ -21,6 +21,8 @@ except ImportError:  # only without build isolation: pyproject.toml's build requ
 
 # (compile flags, link flags) per compiler type; others build without OpenMP.
 OPENMP_FLAGS = {"unix": (["-fopenmp"], ["-fopenmp"]), "msvc": (["/openmp"], [])}
+# ... and without: the OpenMP pragmas are then ignored, on purpose (the kernels run on one thread).
+NO_OPENMP_FLAGS = {"unix": (["-Wno-unknown-pragmas"], [])}
 # -fno-trapping-math: minidiff never enables floating-point traps, and without it GCC keeps the
 # loops with a float-to-int conversion or a clamp (the vectorized exp of SiLU) scalar, six times
 # slower. It changes no result (unlike -ffast-math: no reassociation, no contraction).
@@ -50,7 +52,7 @@ if build_ext is not None:
             errors = []
             for label, (compile_flags, link_flags) in (
                 ("with OpenMP", OPENMP_FLAGS.get(kind, ([], []))),
-                ("without OpenMP", ([], [])),
+                ("without OpenMP", NO_OPENMP_FLAGS.get(kind, ([], []))),
             ):
                 ext.extra_compile_args = base_compile + compile_flags
                 ext.extra_link_args = base_link + link_flags
