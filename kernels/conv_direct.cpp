@@ -528,7 +528,7 @@ void conv2d_direct_channel_lanes(const float* x, const float* w, const float* bi
     const std::vector<LaneTile> tiles = k.forward_lanes_tiles(L, Opad);
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
     const int64_t wanted = 4 * static_cast<int64_t>(max_threads());
-    const int64_t groups = N >= wanted ? 1 : std::min(ntiles, (wanted + N - 1) / N);
+    const int64_t groups = N >= wanted ? 1 : std::min(ntiles, (wanted + N - 1) / std::max<int64_t>(N, 1));
 #pragma omp parallel
     {
         std::vector<float> xpad(C * g.plane);
@@ -562,7 +562,7 @@ void conv2d_direct(const float* x, const float* w, const float* bias, float* y, 
     // every thread busy, else the channels are split too (each task pads its sample's planes).
     const int64_t blocks = (O + k.block - 1) / k.block;
     const int64_t wanted = 4 * static_cast<int64_t>(max_threads());
-    const int64_t groups = N >= wanted ? 1 : std::min(blocks, (wanted + N - 1) / N);
+    const int64_t groups = N >= wanted ? 1 : std::min(blocks, (wanted + N - 1) / std::max<int64_t>(N, 1));
 #pragma omp parallel
     {
         std::vector<float> xpad(C * g.plane);
@@ -591,7 +591,7 @@ void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64
     // in thread order at the end. No thread waits for another on the way (a barrier per sample
     // cost more than the sample's arithmetic at 8x8).
     const int64_t threads = max_threads();
-    const int64_t groups = N >= threads ? 1 : std::min(ntiles, (threads + N - 1) / N);
+    const int64_t groups = N >= threads ? 1 : std::min(ntiles, (threads + N - 1) / std::max<int64_t>(N, 1));
     std::vector<float> gwt(threads * K * Opad, 0.0f);
     const std::vector<float> zeros(g.plane, 0.0f);
 #pragma omp parallel

@@ -93,13 +93,13 @@ class Conv2d(Function):
     def backward(self, gy):
         x, weight = self.saved
         o, _, kh, kw = weight.shape
-        g = gy.reshape(gy.shape[0], o, -1)  # (N, O, L)
+        g = gy.reshape(gy.shape[0], o, gy.shape[2] * gy.shape[3])  # (N, O, L); N may be 0
         w2 = weight.reshape(o, -1)
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
         gx = gw = gb = None
         direct = gy.dtype == np.float32 and self._runs_direct(x, weight)
         if self._is_pointwise(kh, kw) and not direct:
-            cols = x.reshape(x.shape[0], x.shape[1], -1)
+            cols = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
             if need_w:
                 gw = get_array_module(x).ascontiguousarray(_weight_grad_t(cols, g).T).reshape(weight.shape)
             if need_x:

@@ -199,6 +199,21 @@ def test_conv2d_direct_path_matches_unfolding(
     np.testing.assert_allclose(got[0], expected, **tolerance(np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (1, 2), (3, 2)])
+def test_conv2d_of_an_empty_batch(dtype, kernel, stride):
+    """No samples: empty outputs and input gradients, zero weight and bias gradients (every path,
+    the direct kernels included, whose thread split once divided by the batch size)."""
+    x = md.tensor(np.zeros((0, 4, 8, 8)), dtype=dtype, requires_grad=True)
+    w = md.tensor(np.ones((16, 4, kernel, kernel)), dtype=dtype, requires_grad=True)
+    b = md.tensor(np.ones(16), dtype=dtype, requires_grad=True)
+    y = F.conv2d(x, w, b, stride=stride, padding=kernel // 2)
+    assert y.shape == (0, 16, 8 // stride, 8 // stride)
+    y.sum().backward()
+    assert x.grad.shape == (0, 4, 8, 8)
+    assert not w.grad.any() and not b.grad.any()
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 
