@@ -199,6 +199,48 @@ def test_conv2d_direct_path_matches_unfolding(
     np.testing.assert_allclose(got[0], expected, **tolerance(np.float32))
 
 
+@st.composite
+def direct_geometries(draw):
+    """Kernels 1-4 each way, strides 1-3 each way, padding below the kernel, 3 or 16 output
+    channels (positions or channels as the kernels' vector lanes), sizes the kernel fits."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1)))
+    H, W = (
+        draw(st.integers(max(1, kh - 2 * padding[0]), 10)),
+        draw(st.integers(max(1, kw - 2 * padding[1]), 10)),
+    )
+    return (kh, kw), stride, padding, (draw(st.integers(1, 3)), 3, H, W), draw(st.sampled_from([3, 16]))
+
+
+@pytest.mark.skipif(
+    kernels.which("conv2d") != "native" or not conv_ops._DIRECT_IS_VECTORIZED,
+    reason="the direct convolution needs the native kernels and a CPU with AVX2 or AVX-512",
+)
+@given(geometry=direct_geometries(), seed=st.integers(0, 2**16))
+def test_conv2d_direct_path_at_any_stride_matches_unfolding(geometry, seed):
+    """Output and every gradient of the direct path (the input gradient by phases of the stride)
+    against the unfolding path, over kernel, stride and padding shapes."""
+    kernel, stride, padding, x_shape, out_channels = geometry
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((out_channels, x_shape[1], *kernel)).astype(np.float32)
+    b = rng.standard_normal(out_channels).astype(np.float32)
+
+    def run():
+        tx, tw, tb = (md.tensor(a, requires_grad=True) for a in (x, w, b))
+        out = F.conv2d(tx, tw, tb, stride=stride, padding=padding)
+        gy = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(np.float32)
+        (out * md.tensor(gy)).sum().backward()
+        return out.numpy(), tx.grad, tw.grad, tb.grad
+
+    direct = run()
+    with kernels.use("numba"):
+        unfolded = run()
+    for a, e in zip(direct, unfolded, strict=True):
+        np.testing.assert_allclose(a, e, **tolerance(np.float32))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (1, 2), (3, 2)])
 def test_conv2d_of_an_empty_batch(dtype, kernel, stride):
