@@ -204,14 +204,9 @@ def cmd_bench(args) -> int:
     return benchmark.run_from_args(args)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from minidiff.benchmark import positive_int
+
     parser = argparse.ArgumentParser(
         prog="minidiff",
         description="Diffusion models and autodiff from scratch on NumPy and CuPy.",

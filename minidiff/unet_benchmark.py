@@ -23,18 +23,12 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import numpy as np
 
-from minidiff.benchmark import write_report
+from minidiff.benchmark import median_seconds, positive_int, write_report
 
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+REPEATS = 5  # timed runs per measurement, by default
 
 
 def unet_config(channels=32, mults=(1, 2, 2), image_size=32, norm_groups=8) -> dict:
@@ -49,17 +43,6 @@ def unet_config(channels=32, mults=(1, 2, 2), image_size=32, norm_groups=8) -> d
         image_size=image_size,
         norm_groups=norm_groups,
     )
-
-
-def median_ms(fn, repeats, warmup=2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def make_steps(framework, cfg, batch, seed=0, device="cpu"):
@@ -128,9 +111,9 @@ def measure(framework, cfg, batch, repeats) -> dict:
 
         torch.set_num_threads(os.cpu_count() or 1)
     train_step, sample_forward, params = make_steps(framework, cfg, batch)
-    result = {"params": params, "train_ms": median_ms(train_step, repeats)}
+    result = {"params": params, "train_ms": 1e3 * median_seconds(train_step, repeats)}
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["sample_ms"] = median_ms(sample_forward, repeats)
+    result["sample_ms"] = 1e3 * median_seconds(sample_forward, repeats)
     return result
 
 
@@ -230,7 +213,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, repeats_and_json=True, def
     )
     if repeats_and_json:
         group.add_argument(
-            "--repeats", type=positive_int, default=5, help="timed runs per measurement (default 5)"
+            "--repeats",
+            type=positive_int,
+            default=REPEATS,
+            help=f"timed runs per measurement (default {REPEATS})",
         )
         group.add_argument(
             "--json", default=default_json, help=f"where to write the JSON (default: {default_json})"
@@ -240,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, repeats_and_json=True, def
 def run_from_args(args, default_json="minidiff-bench-unet.json") -> int:
     """Run what the parsed options ask, write the JSON, print the table last."""
     cfg = unet_config(args.channels, args.mults, args.image_size, args.norm_groups)
-    report = run(cfg, args.batch, args.repeats or 5, args.rounds)
+    report = run(cfg, args.batch, args.repeats or REPEATS, args.rounds)
     write_report(report, args.json or default_json, format_report(report))
     return 0
 
