@@ -104,6 +104,11 @@ void pad_plane(const float* src, float* dst, const FlatGeometry& g) {
     std::fill(row, dst + g.plane, 0.0f);
 }
 
+// Sample n of x (N, C, H, W) -> its C flat padded planes in xpad.
+void pad_sample(const float* x, int64_t n, float* xpad, const FlatGeometry& g) {
+    for (int64_t c = 0; c < g.C; ++c) pad_plane(x + (n * g.C + c) * g.H * g.W, xpad + c * g.plane, g);
+}
+
 // Output channels come in blocks of OB (the forward tile's height), then single channels for
 // the remainder. packed[o0*C*T + (c*T + t)*b + k] = w[o0 + k, c, t] for the block [o0, o0 + b):
 // a tile's OB weights for one (c, tap) lie side by side.
@@ -191,12 +196,10 @@ MINIDIFF_INLINE void forward_channels(const float* xpad, const float* wblock, co
     }
 }
 
-// Output channels [o_lo, o_hi) of sample n. xpad: a scratch of C planes.
+// Output channels [o_lo, o_hi) of sample n, from its padded planes xpad.
 template <int VW, int OB, int PV>
-MINIDIFF_INLINE void forward_task(const float* x, const float* packed, const float* bias, float* y,
-                                  const FlatGeometry& g, int64_t n, int64_t o_lo, int64_t o_hi,
-                                  float* xpad) {
-    for (int64_t c = 0; c < g.C; ++c) pad_plane(x + (n * g.C + c) * g.H * g.W, xpad + c * g.plane, g);
+MINIDIFF_INLINE void forward_task(const float* packed, const float* bias, float* y, const FlatGeometry& g,
+                                  int64_t n, int64_t o_lo, int64_t o_hi, const float* xpad) {
     float* yn = y + n * g.O * g.Ho * g.Wo;
     const int64_t CT = g.C * g.taps, full = g.O / OB * OB, plane = g.Ho * g.Wo;
     int64_t o = o_lo;
@@ -420,8 +423,8 @@ std::vector<LaneTile> lane_tiles(int64_t K, int64_t Opad) {
     return tiles;
 }
 
-using ForwardTask = void (*)(const float*, const float*, const float*, float*, const FlatGeometry&,
-                             int64_t, int64_t, int64_t, float*);
+using ForwardTask = void (*)(const float*, const float*, float*, const FlatGeometry&, int64_t, int64_t,
+                             int64_t, const float*);
 
 // One instruction set's kernel and tile height (output channels per tile).
 using WeightGradTiles = void (*)(const WeightGradPlan&, const LaneTile*, int64_t, int64_t);
@@ -444,12 +447,12 @@ struct DirectConvKernels {
 #if defined(__GNUC__) && defined(__x86_64__)
 #define MINIDIFF_DIRECT_ISA(name, target_attr, VW, OB, PV)                                      \
     __attribute__((target(target_attr))) void forward_##name(                                     \
-        const float* x, const float* p, const float* b, float* y, const FlatGeometry& g,          \
-        int64_t n, int64_t lo, int64_t hi, float* xpad) {                                         \
-        forward_task<VW, OB, PV>(x, p, b, y, g, n, lo, hi, xpad);                                 \
+        const float* p, const float* b, float* y, const FlatGeometry& g, int64_t n, int64_t lo,   \
+        int64_t hi, const float* xpad) {                                                          \
+        forward_task<VW, OB, PV>(p, b, y, g, n, lo, hi, xpad);                                    \
     }                                                                                             \
     __attribute__((target(target_attr))) void weight_grad_##name(                                 \
-        const WeightGradPlan& pl, const LaneTile* tiles, int64_t lo, int64_t hi) {          \
+        const WeightGradPlan& pl, const LaneTile* tiles, int64_t lo, int64_t hi) {                \
         for (int64_t i = lo; i < hi; ++i) weight_grad_task<VW>(pl, tiles[i]);                     \
     }                                                                                             \
     __attribute__((target(target_attr))) void forward_lanes_##name(                               \
@@ -460,9 +463,9 @@ MINIDIFF_DIRECT_ISA(avx512, "avx512f,fma", 16, 4, 5)
 MINIDIFF_DIRECT_ISA(avx2, "avx2,fma", 8, 3, 3)
 #endif
 
-void forward_baseline(const float* x, const float* p, const float* b, float* y, const FlatGeometry& g,
-                      int64_t n, int64_t lo, int64_t hi, float* xpad) {
-    forward_task<4, 3, 3>(x, p, b, y, g, n, lo, hi, xpad);
+void forward_baseline(const float* p, const float* b, float* y, const FlatGeometry& g, int64_t n,
+                      int64_t lo, int64_t hi, const float* xpad) {
+    forward_task<4, 3, 3>(p, b, y, g, n, lo, hi, xpad);
 }
 
 void weight_grad_baseline(const WeightGradPlan& pl, const LaneTile* tiles, int64_t lo,
@@ -510,6 +513,12 @@ int thread_index() {
 #endif
 }
 
+// Work splits into tasks (sample, group of `items`): whole samples (1 group) when the N samples
+// make at least `wanted` tasks, else each sample's items split into enough groups to make them.
+int64_t task_groups(int64_t N, int64_t items, int64_t wanted) {
+    return N >= wanted ? 1 : std::min(items, (wanted + N - 1) / std::max<int64_t>(N, 1));
+}
+
 }  // namespace
 
 const char* conv2d_direct_isa() { return direct_conv_kernels().isa; }
@@ -527,8 +536,7 @@ void conv2d_direct_channel_lanes(const float* x, const float* w, const float* bi
     if (bias) std::copy(bias, bias + O, bias_pad.begin());
     const std::vector<LaneTile> tiles = k.forward_lanes_tiles(L, Opad);
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
-    const int64_t wanted = 4 * static_cast<int64_t>(max_threads());
-    const int64_t groups = N >= wanted ? 1 : std::min(ntiles, (wanted + N - 1) / std::max<int64_t>(N, 1));
+    const int64_t groups = task_groups(N, ntiles, 4 * static_cast<int64_t>(max_threads()));
 #pragma omp parallel
     {
         std::vector<float> xpad(C * g.plane);
@@ -537,7 +545,7 @@ void conv2d_direct_channel_lanes(const float* x, const float* w, const float* bi
         for (int64_t task = 0; task < N * groups; ++task) {
             const int64_t n = task / groups, grp = task % groups;
             if (n != padded) {
-                for (int64_t c = 0; c < C; ++c) pad_plane(x + (n * C + c) * g.H * g.W, xpad.data() + c * g.plane, g);
+                pad_sample(x, n, xpad.data(), g);
                 padded = n;
             }
             const ChannelLanesPlan plan{g, Opad, xpad.data(), wt.data(), bias ? bias_pad.data() : nullptr,
@@ -559,19 +567,25 @@ void conv2d_direct(const float* x, const float* w, const float* bias, float* y, 
     if (O % k.lanes == 0 || sh != 1 || sw != 1) return conv2d_direct_channel_lanes(x, w, bias, y, N, g, k);
     const std::vector<float> packed = pack_weight(w, g, k.block);
     // Tasks are (sample, group of output-channel blocks): whole samples when the batch keeps
-    // every thread busy, else the channels are split too (each task pads its sample's planes).
+    // every thread busy, else the channels are split too (a thread pads a sample's planes once
+    // for its run of that sample's tasks).
     const int64_t blocks = (O + k.block - 1) / k.block;
-    const int64_t wanted = 4 * static_cast<int64_t>(max_threads());
-    const int64_t groups = N >= wanted ? 1 : std::min(blocks, (wanted + N - 1) / std::max<int64_t>(N, 1));
+    const int64_t groups = task_groups(N, blocks, 4 * static_cast<int64_t>(max_threads()));
 #pragma omp parallel
     {
         std::vector<float> xpad(C * g.plane);
+        int64_t padded = -1;  // the sample whose planes xpad holds
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < N * groups; ++task) {
             const int64_t n = task / groups, grp = task % groups;
             const int64_t lo = std::min(O, blocks * grp / groups * k.block);
             const int64_t hi = std::min(O, blocks * (grp + 1) / groups * k.block);
-            if (lo < hi) k.forward(x, packed.data(), bias, y, g, n, lo, hi, xpad.data());
+            if (lo >= hi) continue;
+            if (n != padded) {
+                pad_sample(x, n, xpad.data(), g);
+                padded = n;
+            }
+            k.forward(packed.data(), bias, y, g, n, lo, hi, xpad.data());
         }
     }
 }
@@ -591,7 +605,7 @@ void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64
     // in thread order at the end. No thread waits for another on the way (a barrier per sample
     // cost more than the sample's arithmetic at 8x8).
     const int64_t threads = max_threads();
-    const int64_t groups = N >= threads ? 1 : std::min(ntiles, (threads + N - 1) / std::max<int64_t>(N, 1));
+    const int64_t groups = task_groups(N, ntiles, threads);
     std::vector<float> gwt(threads * K * Opad, 0.0f);
     const std::vector<float> zeros(g.plane, 0.0f);
 #pragma omp parallel
@@ -604,7 +618,7 @@ void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64
         for (int64_t task = 0; task < N * groups; ++task) {
             const int64_t n = task / groups, grp = task % groups;
             if (n != prepared) {
-                for (int64_t c = 0; c < C; ++c) pad_plane(x + (n * C + c) * H * W, xpad.data() + c * g.plane, g);
+                pad_sample(x, n, xpad.data(), g);
                 transpose(gy + n * O * L, O, L, gyt.data(), Opad);  // the columns past O stay zero
                 prepared = n;
             }

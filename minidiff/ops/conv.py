@@ -159,7 +159,7 @@ def _input_grad_by_phases(gy, weight, x_shape, stride, padding):
     1, with that sub-kernel flipped (O and C swapped). At stride 1 there is one phase, the whole
     kernel padded k - 1 - p; at stride 2 a 3x3 kernel splits into 2x2, 2x1, 1x2 and 1x1 parts,
     the same multiply-adds as the transposed convolution, none on zeros."""
-    n, c, H, W = x_shape
+    H, W = x_shape[2:]
     rows = [_phase(a, stride[0], padding[0], weight.shape[2], H, gy.shape[2]) for a in range(stride[0])]
     cols = [_phase(b, stride[1], padding[1], weight.shape[3], W, gy.shape[3]) for b in range(stride[1])]
     if stride == (1, 1):
