@@ -35,13 +35,16 @@ MINIDIFF_WIDE_CLONES double row_squared_deviation(const T* __restrict x, double 
     return total;
 }
 
-// y = u = xhat * w + b with xhat = (x - center) * r, or silu(u): one channel's row.
+// y = u = xhat * w + b with xhat = (x - center) * r, or silu(u): one channel's row. The double
+// center comes as center_hi + center_lo (each a T): center rounded to T is off by up to half an
+// ulp of |center|, much against the deviations when |mean| >> std, and x - center_hi is exact
+// for the values near the center, so subtracting center_lo too keeps xhat accurate.
 template <typename T, bool Silu>
-MINIDIFF_WIDE_CLONES void norm_row(const T* __restrict x, T center, T r, T w, T b, T* __restrict y,
-                                   int64_t S) {
+MINIDIFF_WIDE_CLONES void norm_row(const T* __restrict x, T center_hi, T center_lo, T r, T w, T b,
+                                   T* __restrict y, int64_t S) {
 #pragma omp simd
     for (int64_t s = 0; s < S; ++s) {
-        const T u = (x[s] - center) * r * w + b;
+        const T u = ((x[s] - center_hi) - center_lo) * r * w + b;
         y[s] = Silu ? u * sigmoid(u) : u;
     }
 }
@@ -119,7 +122,9 @@ void norm_forward(const T* x, const T* weight, const T* bias, const T* shift, T*
         for (int64_t cl = 0; cl < cpg; ++cl) {
             const double center = mu - (sh ? double(sh[cl]) : 0.0);  // xhat = (x - center) * r
             const T w = weight ? weight[c0 + cl] : T(1), b = bias ? bias[c0 + cl] : T(0);
-            norm_row<T, Silu>(xg + cl * S, T(center), T(r), w, b, yg + cl * S, S);
+            const T center_hi = T(center);
+            norm_row<T, Silu>(xg + cl * S, center_hi, T(center - double(center_hi)), T(r), w, b,
+                              yg + cl * S, S);
         }
     }
 }

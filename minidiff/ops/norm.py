@@ -29,8 +29,11 @@ class LayerNorm(Function):
 
     def forward(self, x, weight, bias, *, axes, eps):
         xp = get_array_module(x)
-        mean = x.mean(axis=axes, keepdims=True)
-        centered = x - mean
+        centered = x - x.mean(axis=axes, keepdims=True)
+        # The mean rounded to x's dtype is off by up to half an ulp of |mean|, which is large
+        # against the deviations when |mean| >> std; the mean of the centered values measures
+        # that error, and subtracting it leaves deviations accurate to their own precision.
+        centered -= centered.mean(axis=axes, keepdims=True)
         rstd = 1 / xp.sqrt((centered * centered).mean(axis=axes, keepdims=True) + eps)
         xhat = centered * rstd
         self.save_for_backward(xhat, rstd, weight)

@@ -36,9 +36,7 @@ def ref_group_norm(x, groups, weight, bias, eps):
     return out
 
 
-# Affine variants. "weight only" is a known bug (see test_group_norm_with_weight_only), so the
-# property tests draw from the others.
-AFFINE = ["none", "both", "bias"]
+AFFINE = ["none", "both", "weight", "bias"]
 
 
 @st.composite
@@ -269,6 +267,17 @@ def test_group_norm_rejects_bad_shapes_and_dtypes():
         F.group_norm(x, 2, weight=md.tensor(np.ones(6)), bias=md.tensor(np.ones((2, 3))))
     with pytest.raises(TypeError, match=r"group_norm: x has dtype int64"):
         F.group_norm(md.tensor(np.ones((2, 6), dtype=np.int64)), 2)
+
+
+def test_layer_norm_float32_rows_whose_mean_dwarfs_their_spread():
+    # Rows of values about 2.35 apart by 0.0025: the float32 mean is off by up to 1.2e-7 (half an
+    # ulp), 1e-4 of the deviations; the normalized values must not inherit that error.
+    x = np.array([[-2.34528764, -2.34778585], [1000.0, 1000.001], [0.5, 0.5001]], dtype=np.float32)
+    weight, bias = np.array([0.5, 2.0], dtype=np.float32), np.array([1.0, 1.0], dtype=np.float32)
+    out = F.layer_norm(md.tensor(x), 2, weight=md.tensor(weight), bias=md.tensor(bias), eps=1e-9)
+    x64 = x.astype(np.float64)
+    expected = ref_layer_norm(x64, 1, weight.astype(np.float64), bias.astype(np.float64), 1e-9)
+    np.testing.assert_allclose(out.numpy(), expected, **tolerance(np.float32))
 
 
 def test_layer_norm_rejects_bad_shapes():
