@@ -13,6 +13,12 @@ to the same work in PyTorch (CPU) where it has it, and the achieved GB/s (bytes 
 and write, at least) or GFLOP/s as a fraction of the ceiling. Ratios are time over time: below 1
 is faster. Each implementation's outputs are also compared with the reference's once.
 
+PyTorch runs in this process, under the settings minidiff applies at import (minidiff.runtime)
+and with the OpenMP runtime the native kernels loaded: the allocator that keeps freed memory
+spares PyTorch's ops the page faults of fresh buffers too, and some of them (the group norm +
+SiLU forward, for one) run several times faster here than in a process of their own, so the
+ratios to PyTorch do not flatter minidiff.
+
 A new kernel op shows up as a "no factory" row until a factory is added here: a function that
 builds a ``Case`` (arguments, bytes moved, the PyTorch equivalent) from one shape spec, registered
 with ``@factory(op, full=[specs], tiny=[specs])``.

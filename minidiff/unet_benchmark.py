@@ -6,8 +6,12 @@
 The same architecture on both sides (minidiff.torch_unet, written independently; parameter
 counts are checked equal), the same batch: the median of repeated runs after warm-up, and the
 ratio minidiff / PyTorch (below 1 means minidiff is faster). Each framework runs in a fresh
-subprocess, with its own threading defaults, which also gives its peak resident memory during
-training. A shared machine's speed drifts over seconds to minutes, so the two alternate for
+subprocess, which also gives its peak resident memory during training. Both subprocesses import
+minidiff, so PyTorch runs under the process settings minidiff applies (minidiff.runtime: the
+allocator keeps freed memory, OpenMP workers spin briefly; PyTorch shares the OpenMP runtime the
+native kernels loaded): they make its training step a few percent faster than in a process of
+its own, its sampling pass about as fast (bench/RESULTS.md), so the ratio does not flatter
+minidiff. A shared machine's speed drifts over seconds to minutes, so the two alternate for
 --rounds rounds, and the ratio printed is the median of the rounds' ratios (each round's pair ran
 back to back). The default model is UNet(1, 32, (1, 2, 2), 1, (8,), 32, norm_groups=8) at batch
 32. Needs PyTorch (CPU build).
@@ -118,7 +122,7 @@ def measure(framework, cfg, batch, repeats) -> dict:
 
 
 def measure_in_subprocess(framework, cfg, batch, repeats) -> dict:
-    """Each framework in a fresh process: its own threading defaults, its own peak memory."""
+    """Each framework in a fresh process: its own threads, its own peak memory."""
     command = [sys.executable, "-m", "minidiff.unet_benchmark", "--worker", framework]
     out = subprocess.run(
         [*command, "--worker-args", json.dumps([cfg, batch, repeats])], capture_output=True, text=True
