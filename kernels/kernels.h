@@ -23,13 +23,11 @@
 
 namespace minidiff {
 
-// e^v in float, written so that it vectorizes (std::exp does not, without -ffast-math): Cephes'
-// expf, v = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r, then 2^n from the
-// exponent bits. About 1 ulp. Results below the smallest normal float (v < -87.34) are flushed
-// to 0, v > 88.72 gives inf, NaN stays NaN; near the top, e^v = e^(v-1) e keeps 2^n finite.
-inline float exp_approx(float v) {
-    const bool high = v > 88.0f;
-    const float c = std::min(std::max(high ? v - 1.0f : v, -87.33654f), 88.0f);
+// e^c in float for c in [-87.33654, 88] (the range where e^c and 2^n below are normal floats),
+// with no checks: Cephes' expf, written so that it vectorizes (std::exp does not, without
+// -ffast-math): c = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r, then 2^n from the
+// exponent bits. About 1 ulp.
+inline float exp_in_range(float c) {
     const float t = c * 1.44269504088896341f;
     const int32_t n = static_cast<int32_t>(t + std::copysign(0.5f, t));  // round to nearest
     const float nf = static_cast<float>(n);
@@ -43,12 +41,29 @@ inline float exp_approx(float v) {
     const int32_t bits = (n + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof scale);
-    float e = (p * r * r + r + 1.0f) * scale;
+    return (p * r * r + r + 1.0f) * scale;
+}
+
+// e^v for every float v: results below the smallest normal float (v < -87.34) are flushed to 0,
+// v > 88.72 gives inf, NaN stays NaN; near the top, e^v = e^(v-1) e keeps 2^n finite.
+inline float exp_approx(float v) {
+    const bool high = v > 88.0f;
+    float e = exp_in_range(std::min(std::max(high ? v - 1.0f : v, -87.33654f), 88.0f));
     e = high ? e * 2.71828182845904524f : e;
     e = v < -87.33654f ? 0.0f : e;
     e = v > 88.72283f ? HUGE_VALF : e;
     return v != v ? v : e;
 }
+
+// 1 / (1 + e^-u) in float, twice as fast as through exp_approx: the clamp alone gives the limits.
+// u > 87.3: e^-u about 1e-38, the sigmoid 1; u < -88: e^-u stays e^88, the sigmoid 6e-39 instead
+// of 0 (or less), which SiLU's u * sigmoid(u) turns into a value within 1e-35 of 0. A NaN passes
+// through the clamp (std::max/min return their first argument then) and the polynomial.
+inline float sigmoid_approx(float u) {
+    return 1.0f / (1.0f + exp_in_range(std::min(std::max(-u, -87.33654f), 88.0f)));
+}
+
+inline double sigmoid_approx(double u) { return 1.0 / (1.0 + std::exp(-u)); }
 
 // float64 keeps the library's exp: it is the precise path (gradient checks run in float64).
 inline double exp_approx(double v) { return std::exp(v); }

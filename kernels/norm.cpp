@@ -1,8 +1,8 @@
 // Group norm on the CPU, optionally fused with SiLU and a per-(sample, channel) shift of the
 // input. One OpenMP task per (sample, group); a group (cpg * S values) stays in the cache between
 // the passes, so the data is read from memory about once. The statistics and the sums of the
-// backward are in double; the elementwise part runs in T, in vector lanes (SiLU's exp through
-// exp_approx). Same semantics as the references in minidiff/kernels/norm.py.
+// backward are in double; the elementwise part runs in T, in vector lanes (SiLU through
+// sigmoid_approx). Same semantics as the references in minidiff/kernels/norm.py.
 #include <cmath>
 
 #include "kernels.h"
@@ -10,11 +10,6 @@
 namespace minidiff {
 
 namespace {
-
-template <typename T>
-inline T sigmoid(T u) {
-    return T(1) / (T(1) + exp_approx(-u));
-}
 
 template <typename T>
 MINIDIFF_WIDE_CLONES double row_sum(const T* __restrict x, int64_t S) {
@@ -45,7 +40,7 @@ MINIDIFF_WIDE_CLONES void norm_row(const T* __restrict x, T center_hi, T center_
 #pragma omp simd
     for (int64_t s = 0; s < S; ++s) {
         const T u = ((x[s] - center_hi) - center_lo) * r * w + b;
-        y[s] = Silu ? u * sigmoid(u) : u;
+        y[s] = Silu ? u * sigmoid_approx(u) : u;
     }
 }
 
@@ -62,7 +57,7 @@ MINIDIFF_WIDE_CLONES void upstream_grad_row(const T* __restrict gy, const T* __r
         T g = gy[s];
         if (Silu) {
             const T u = xhat * w + b;
-            const T sig = sigmoid(u);
+            const T sig = sigmoid_approx(u);
             g = g * sig * (T(1) + u * (T(1) - sig));
         }
         gu[s] = g;
