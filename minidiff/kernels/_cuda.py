@@ -27,7 +27,10 @@ from .registry import cuda
 
 THREADS = 256  # threads per block (a power of two)
 MAX_BLOCKS = 4096  # blocks of an elementwise launch; larger arrays loop over the grid
-BUFFER = 1024  # float64 slots of a shared reduction buffer: the most threads a CUDA block may have
+# float64 slots of a shared reduction buffer: the most threads a block may have (THREADS, unless
+# raised up to this); a compile-time constant. No larger than needed: shared memory per block
+# bounds how many blocks a multiprocessor runs at once.
+BUFFER = 256
 
 
 def block_threads(work: int) -> int:
@@ -45,16 +48,30 @@ def elementwise_blocks(n: int) -> int:
     return min(MAX_BLOCKS, -(-n // block_threads(THREADS)))
 
 
+def launch_stream(args):
+    """The stream to launch on: CuPy's current stream when an argument is a CuPy array, so that the
+    kernel runs after the CuPy work that made its inputs and before the CuPy work that reads its
+    outputs (and CuPy's memory pool does not reuse a buffer the kernel still reads); else Numba's
+    default stream (0, which CuPy's default stream also is)."""
+    for a in args:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            ptr = cupy.cuda.get_current_stream().ptr
+            return cuda.external_stream(ptr) if ptr else 0
+    return 0
+
+
 def launch_elementwise(kernel, n: int, *args) -> None:
     """Run a grid-stride ``kernel`` over ``n`` elements (no launch when n is 0)."""
     if n:
-        kernel[elementwise_blocks(n), block_threads(THREADS)](*args)
+        kernel[elementwise_blocks(n), block_threads(THREADS), launch_stream(args)](*args)
 
 
 def launch_per_block(kernel, blocks: int, work: int, *args) -> None:
     """Run ``kernel`` with one block per row, ``blocks`` rows of ``work`` elements each."""
     if blocks:
-        kernel[blocks, block_threads(work)](*args)
+        kernel[blocks, block_threads(work), launch_stream(args)](*args)
 
 
 @cuda.jit(device=True)

@@ -13,7 +13,7 @@ Selection rules:
   for the op: native > numba > reference. A named implementation that has no version of some op
   falls back along that same order (``use("native")`` runs the Numba Adam update, since there is
   no native one). The CUDA kernels never run NumPy arrays.
-- CuPy arrays (any array with ``__cuda_array_interface__``) run the ``"cuda"`` version when the op
+- CuPy arrays run the ``"cuda"`` version when the op
   has one and CUDA is usable, else the reference (it is ``xp`` code); ``use("reference")`` makes
   them run the reference too.
 - ``use("cuda")`` is allowed where CUDA is usable: CuPy arrays run the CUDA kernels and NumPy
@@ -54,6 +54,10 @@ ENV_VAR = "MINIDIFF_KERNELS"
 # are kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+# The CUDA reductions launch one block per group, row or channel by design (a few dozen blocks for
+# small tensors); numba-cuda would warn at every such launch that under 128 blocks leave a GPU
+# idle. Read by numba when it is imported.
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 # -- what this machine has -------------------------------------------------------------------
 
@@ -157,7 +161,27 @@ def _cuda_status() -> tuple[bool, str]:
         cc = ".".join(map(str, device.compute_capability))
     except Exception as exc:  # a driver that loads but fails to start
         return False, f"the CUDA driver failed to start ({type(exc).__name__}: {exc})"
+    try:
+        _compile_and_run_a_kernel()
+    except Exception as exc:  # e.g. numba-cuda without NVRTC: every kernel would fail on first use
+        return False, (
+            f"numba-cuda cannot compile and run a kernel on {name} ({type(exc).__name__}: {exc}); "
+            'install the CUDA compiler libraries: pip install "numba-cuda[cu12]"'
+        )
     return True, f"numba-cuda on {name} (compute capability {cc})"
+
+
+def _compile_and_run_a_kernel() -> None:
+    """Compile, launch and check a one-thread kernel; raises where that fails."""
+
+    @cuda.jit
+    def write_seven(out):
+        out[0] = 7
+
+    out = cuda.to_device(np.zeros(1, np.int32))
+    write_seven[1, 1](out)
+    if out.copy_to_host()[0] != 7:
+        raise RuntimeError("a test kernel ran but did not write its output")
 
 
 _AVAILABLE = {
@@ -331,7 +355,7 @@ def dispatcher(op: str):
         first = args[0]
         if isinstance(first, np.ndarray):
             fn = _selected.get(op) or _select(op)
-        elif hasattr(type(first), "__cuda_array_interface__"):
+        elif type(first).__module__.startswith("cupy"):
             fn = _selected.get(on_gpu) or _select_gpu(op)
         else:
             fn = reference

@@ -40,7 +40,14 @@ needs_cuda = pytest.mark.skipif(not kernels.available()["cuda"][0], reason=kerne
 
 
 class DeviceArray:
-    """Stands for a CuPy array in the dispatcher: not a NumPy array, has __cuda_array_interface__."""
+    """Stands for a CuPy array in the dispatcher: not a NumPy array, a type from the cupy package."""
+
+    __module__ = "cupy._core.core"
+    __cuda_array_interface__ = {}
+
+
+class OtherDeviceArray:
+    """Another array type with the CUDA array interface (a PyTorch tensor's class has it too)."""
 
     __cuda_array_interface__ = {}
 
@@ -234,6 +241,9 @@ def test_device_arrays_run_the_cuda_kernels_unless_the_reference_is_chosen(fake_
             assert kernels.which(op, device="cuda") == expected
             assert kernels.which(op, device="cuda:1") == expected
     assert dispatch(object()) == "reference"  # neither a NumPy nor a device array
+    # the CUDA kernels create their outputs with CuPy: other arrays with the CUDA array interface
+    # (a PyTorch tensor's class has it, on the CPU too) are not theirs
+    assert dispatch(OtherDeviceArray()) == "reference"
 
 
 @needs_numba
@@ -312,6 +322,44 @@ def test_without_a_cuda_driver_numba_cuda_is_not_even_imported():
     assert imported == "False"
     assert why.startswith("no CUDA driver library")
     assert error.startswith("kernel implementation 'cuda' (from use()) is not available: no CUDA driver")
+
+
+def test_cuda_kernels_launch_on_cupys_current_stream(monkeypatch):
+    from types import SimpleNamespace
+
+    from minidiff.kernels import _cuda
+
+    current = SimpleNamespace(ptr=1234)
+    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(get_current_stream=lambda: current))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    monkeypatch.setattr(_cuda, "cuda", SimpleNamespace(external_stream=lambda ptr: ("external", ptr)))
+    assert _cuda.launch_stream((np.zeros(3), 2.0)) == 0  # NumPy (the simulator): Numba's default
+    assert _cuda.launch_stream((np.zeros(3), DeviceArray())) == ("external", 1234)
+    current.ptr = 0  # CuPy's default stream is the legacy default stream, Numba's too
+    assert _cuda.launch_stream((DeviceArray(),)) == 0
+
+
+def test_cuda_status_says_why_kernels_cannot_be_compiled(monkeypatch):
+    class Device:
+        name, compute_capability = b"Test GPU", (9, 0)
+
+    class Driver:
+        def is_available(self):
+            return True
+
+        def get_current_device(self):
+            return Device()
+
+        def jit(self, fn):
+            raise OSError("libnvrtc.so.12: cannot open shared object file")
+
+    monkeypatch.setattr(registry, "_cuda_missing", None)
+    monkeypatch.setattr(registry, "_simulated", lambda: False)
+    monkeypatch.setattr(registry, "cuda", Driver())
+    ok, why = registry._cuda_status()
+    assert not ok
+    assert why.startswith("numba-cuda cannot compile and run a kernel on Test GPU (OSError: libnvrtc")
+    assert 'pip install "numba-cuda[cu12]"' in why
 
 
 def test_cuda_status_says_why_a_driver_without_a_gpu_is_not_usable(monkeypatch):
