@@ -57,9 +57,9 @@ inline float exp_approx(float v) {
 
 // 1 / (1 + e^-u) in float, twice as fast as through exp_approx: the clamp alone gives the limits.
 // u > 87.3: e^-u about 1e-38, the sigmoid 1; u < -88: e^-u stays e^88, the sigmoid 6e-39 instead
-// of less, and SiLU's u * sigmoid(u) is u * 6e-39 instead of a value still nearer 0 (both 0 to
-// float32 precision against any activation of size 1e-30 or more). A NaN passes through the
-// clamp (std::max/min return their first argument then) and the polynomial.
+// of less, so SiLU's u * sigmoid(u) is u * 6e-39 (-6e-37 at u = -100) where the exact value is
+// nearer 0. A NaN passes through the clamp (std::max/min return their first argument then) and
+// the polynomial.
 inline float sigmoid_approx(float u) {
     return 1.0f / (1.0f + exp_in_range(std::min(std::max(-u, -87.33654f), 88.0f)));
 }
