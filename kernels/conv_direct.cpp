@@ -519,6 +519,28 @@ int64_t task_groups(int64_t N, int64_t items, int64_t wanted) {
     return N >= wanted ? 1 : std::min(items, (wanted + N - 1) / std::max<int64_t>(N, 1));
 }
 
+// Runs the N * groups tasks (sample n, group grp) over the threads in static order, as
+// work(n, grp, xpad): each thread pads a sample's planes into its own xpad once for its run of
+// that sample's tasks.
+template <typename Work>
+void run_padded_sample_tasks(const float* x, int64_t N, int64_t groups, const FlatGeometry& g,
+                             Work work) {
+#pragma omp parallel
+    {
+        std::vector<float> xpad(g.C * g.plane);
+        int64_t padded = -1;  // the sample whose planes xpad holds
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < N * groups; ++task) {
+            const int64_t n = task / groups;
+            if (n != padded) {
+                pad_sample(x, n, xpad.data(), g);
+                padded = n;
+            }
+            work(n, task % groups, xpad.data());
+        }
+    }
+}
+
 }  // namespace
 
 const char* conv2d_direct_isa() { return direct_conv_kernels().isa; }
@@ -537,22 +559,10 @@ void conv2d_direct_channel_lanes(const float* x, const float* w, const float* bi
     const std::vector<LaneTile> tiles = k.forward_lanes_tiles(L, Opad);
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
     const int64_t groups = task_groups(N, ntiles, 4 * static_cast<int64_t>(max_threads()));
-#pragma omp parallel
-    {
-        std::vector<float> xpad(C * g.plane);
-        int64_t padded = -1;  // the sample whose planes xpad holds
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * groups; ++task) {
-            const int64_t n = task / groups, grp = task % groups;
-            if (n != padded) {
-                pad_sample(x, n, xpad.data(), g);
-                padded = n;
-            }
-            const ChannelLanesPlan plan{g, Opad, xpad.data(), wt.data(), bias ? bias_pad.data() : nullptr,
-                                        y + n * O * L};
-            k.forward_lanes(plan, tiles.data(), ntiles * grp / groups, ntiles * (grp + 1) / groups);
-        }
-    }
+    run_padded_sample_tasks(x, N, groups, g, [&](int64_t n, int64_t grp, const float* xpad) {
+        const ChannelLanesPlan plan{g, Opad, xpad, wt.data(), bias ? bias_pad.data() : nullptr, y + n * O * L};
+        k.forward_lanes(plan, tiles.data(), ntiles * grp / groups, ntiles * (grp + 1) / groups);
+    });
 }
 
 }  // namespace
@@ -571,23 +581,11 @@ void conv2d_direct(const float* x, const float* w, const float* bias, float* y, 
     // for its run of that sample's tasks).
     const int64_t blocks = (O + k.block - 1) / k.block;
     const int64_t groups = task_groups(N, blocks, 4 * static_cast<int64_t>(max_threads()));
-#pragma omp parallel
-    {
-        std::vector<float> xpad(C * g.plane);
-        int64_t padded = -1;  // the sample whose planes xpad holds
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * groups; ++task) {
-            const int64_t n = task / groups, grp = task % groups;
-            const int64_t lo = std::min(O, blocks * grp / groups * k.block);
-            const int64_t hi = std::min(O, blocks * (grp + 1) / groups * k.block);
-            if (lo >= hi) continue;
-            if (n != padded) {
-                pad_sample(x, n, xpad.data(), g);
-                padded = n;
-            }
-            k.forward(packed.data(), bias, y, g, n, lo, hi, xpad.data());
-        }
-    }
+    run_padded_sample_tasks(x, N, groups, g, [&](int64_t n, int64_t grp, const float* xpad) {
+        const int64_t lo = std::min(O, blocks * grp / groups * k.block);
+        const int64_t hi = std::min(O, blocks * (grp + 1) / groups * k.block);
+        if (lo < hi) k.forward(packed.data(), bias, y, g, n, lo, hi, xpad);
+    });
 }
 
 void conv2d_direct_weight_grad(const float* x, const float* gy, float* gw, int64_t N, int64_t C,
