@@ -204,16 +204,23 @@ def test_col2im_rejects_bad_input(col2im):
 # -- conv2d: the whole convolution (native: direct, no columns) --------------------------------
 
 
-@st.composite
-def direct_conv_cases(draw):
-    """Kernels 1-5 (any padding, also beyond the kernel), strides 1-3, 1-9 output channels (the
-    native positions-as-lanes tile holds 3 or 4: remainders) or a multiple of 16 (the native
-    channels-as-lanes tiles), odd sizes, both dtypes, any input layout."""
+def draw_conv_geometry(draw):
+    """``(kh, kw), (sh, sw), (ph, pw), (H, W)``: kernel 1-5, stride 1-3, padding up to the kernel
+    size, an input of 1-9 (at least one output position)."""
     kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
     H = draw(st.integers(max(1, kh - 2 * ph), 9))
     W = draw(st.integers(max(1, kw - 2 * pw), 9))
+    return (kh, kw), (sh, sw), (ph, pw), (H, W)
+
+
+@st.composite
+def direct_conv_cases(draw):
+    """Kernels 1-5 (any padding, also beyond the kernel), strides 1-3, 1-9 output channels (the
+    native positions-as-lanes tile holds 3 or 4: remainders) or a multiple of 16 (the native
+    channels-as-lanes tiles), odd sizes, both dtypes, any input layout."""
+    (kh, kw), (sh, sw), (ph, pw), (H, W) = draw_conv_geometry(draw)
     N, C = draw(st.integers(1, 3)), draw(st.integers(1, 4))
     out = draw(st.one_of(st.integers(1, 9), st.sampled_from([16, 32, 48, 64])))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
@@ -353,11 +360,7 @@ def weight_grad_cases(draw):
     """Kernels 1-5 (any padding), strides 1-3, 1-70 output channels (the native tiles hold 1-4
     vectors of 4, 8 or 16 channels: every remainder), 1-5 input channels (rows C*kh*kw: partial
     row tiles), odd sizes, both dtypes, any layout of x and gy."""
-    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
-    H = draw(st.integers(max(1, kh - 2 * ph), 9))
-    W = draw(st.integers(max(1, kw - 2 * pw), 9))
+    (kh, kw), (sh, sw), (ph, pw), (H, W) = draw_conv_geometry(draw)
     N, C, out = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 70))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     layouts = st.sampled_from(["contiguous", "transposed", "strided"])
