@@ -45,10 +45,15 @@ def cuda_unavailable_reason() -> str | None:
     return _cupy_error
 
 
+def is_cupy_array(a) -> bool:
+    """Whether ``a`` is a CuPy array (told by its type's module: CuPy is not imported for this)."""
+    return type(a).__module__.startswith("cupy")
+
+
 def get_array_module(*arrays):
     """numpy, or cupy when any argument is a CuPy array."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
+        if is_cupy_array(a):
             return _load_cupy()
     return np
 

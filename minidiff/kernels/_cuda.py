@@ -23,6 +23,10 @@ delete the ``__pycache__`` of the family files to recompile the kernels that cal
 
 from __future__ import annotations
 
+import numpy as np
+
+from minidiff.backend import get_array_module
+
 from .registry import cuda
 
 THREADS = 256  # threads per block (a power of two)
@@ -53,13 +57,11 @@ def launch_stream(args):
     kernel runs after the CuPy work that made its inputs and before the CuPy work that reads its
     outputs (and CuPy's memory pool does not reuse a buffer the kernel still reads); else Numba's
     default stream (0, which CuPy's default stream also is)."""
-    for a in args:
-        if type(a).__module__.startswith("cupy"):
-            import cupy
-
-            ptr = cupy.cuda.get_current_stream().ptr
-            return cuda.external_stream(ptr) if ptr else 0
-    return 0
+    xp = get_array_module(*args)
+    if xp is np:
+        return 0
+    ptr = xp.cuda.get_current_stream().ptr
+    return cuda.external_stream(ptr) if ptr else 0
 
 
 def launch_elementwise(kernel, n: int, *args) -> None:

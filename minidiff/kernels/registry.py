@@ -13,9 +13,8 @@ Selection rules:
   for the op: native > numba > reference. A named implementation that has no version of some op
   falls back along that same order (``use("native")`` runs the Numba Adam update, since there is
   no native one). The CUDA kernels never run NumPy arrays.
-- CuPy arrays run the ``"cuda"`` version when the op
-  has one and CUDA is usable, else the reference (it is ``xp`` code); ``use("reference")`` makes
-  them run the reference too.
+- CuPy arrays run the ``"cuda"`` version when the op has one and CUDA is usable, else the
+  reference (it is ``xp`` code); ``use("reference")`` makes them run the reference too.
 - ``use("cuda")`` is allowed where CUDA is usable: CuPy arrays run the CUDA kernels and NumPy
   arrays run as under ``"auto"``. Where CUDA is not usable it raises RuntimeError with the reason,
   as ``use("native")`` does without the extension.
@@ -36,6 +35,8 @@ import os
 import sys
 
 import numpy as np
+
+from minidiff.backend import is_cupy_array
 
 IMPLEMENTATIONS = ("reference", "numba", "native", "cuda")
 _FASTEST_FIRST = ("native", "numba", "reference")  # for NumPy arrays: the CUDA kernels never run them
@@ -355,7 +356,7 @@ def dispatcher(op: str):
         first = args[0]
         if isinstance(first, np.ndarray):
             fn = _selected.get(op) or _select(op)
-        elif type(first).__module__.startswith("cupy"):
+        elif is_cupy_array(first):
             fn = _selected.get(on_gpu) or _select_gpu(op)
         else:
             fn = reference

@@ -327,11 +327,12 @@ def test_without_a_cuda_driver_numba_cuda_is_not_even_imported():
 def test_cuda_kernels_launch_on_cupys_current_stream(monkeypatch):
     from types import SimpleNamespace
 
+    from minidiff import backend
     from minidiff.kernels import _cuda
 
     current = SimpleNamespace(ptr=1234)
     fake_cupy = SimpleNamespace(cuda=SimpleNamespace(get_current_stream=lambda: current))
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    monkeypatch.setattr(backend, "_cupy", fake_cupy)  # what get_array_module loads for CuPy arrays
     monkeypatch.setattr(_cuda, "cuda", SimpleNamespace(external_stream=lambda ptr: ("external", ptr)))
     assert _cuda.launch_stream((np.zeros(3), 2.0)) == 0  # NumPy (the simulator): Numba's default
     assert _cuda.launch_stream((np.zeros(3), DeviceArray())) == ("external", 1234)
