@@ -112,7 +112,7 @@ class Conv2d(Function):
             as_conv = need_x and not direct_x and self._input_grad_is_a_conv(o, c, kh, kw)
             if as_conv:
                 # gx = gy (*) weight flipped in space, with O and C swapped, padded k - 1 - p
-                w_flip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].swapaxes(0, 1))
+                w_flip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].swapaxes(0, 1)).reshape(c, -1)
                 pad_flip = (kh - 1 - self.padding[0], kw - 1 - self.padding[1])
             if direct_x:
                 gx = _input_grad_by_phases(gy, weight, x.shape, self.stride, self.padding)
@@ -125,9 +125,7 @@ class Conv2d(Function):
             gw_t = xp.zeros(w2.shape[::-1], dtype=xp.result_type(g, x)) if w_in_chunks else None
             if x_in_chunks:
                 gx = xp.empty((n, c, h * w), dtype=gcols_dtype)
-            if as_conv:
-                w_flip = w_flip.reshape(c, -1)
-            elif x_in_chunks:
+            if x_in_chunks and not as_conv:
                 w2_t = xp.ascontiguousarray(w2.T)  # BLAS runs the product faster on a contiguous operand
             chunks = self._chunks(x, kh * kw * max(c * g.shape[2], o * h * w if as_conv else 0))
             for a, b in chunks if w_in_chunks or x_in_chunks else ():
