@@ -59,6 +59,7 @@ def info_lines() -> list[str]:
     lines.append(f"  blas wait   {runtime.blas_note()}")
     lines.append(f"  omp wait    {runtime.omp_note()}")
     lines.append(f"  malloc      {runtime.malloc_note()}")
+    lines.append(f"  jit cache   {runtime.jit_cache_note()}")
     lines.append(f"kernels (selected: {kernels.current()}):")
     for name, (ok, why) in kernels.available().items():
         lines.append(f"  {name:<11} {'available' if ok else 'missing'}: {why}")
@@ -70,8 +71,26 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _requested_config(args) -> dict:
+    """The TrainConfig fields that --config FILE and the flags give (flags win)."""
     import json
+    from pathlib import Path
+
+    values = {}
+    if args.config:
+        try:
+            values = json.loads(Path(args.config).read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"minidiff train: config file {args.config} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"minidiff train: config file {args.config} is not valid JSON: {exc}") from None
+    for key in ("dataset", "steps", "batch_size", "lr", "seed"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    return values
+
+
+def cmd_train(args) -> int:
     from pathlib import Path
 
     from minidiff import io
@@ -79,12 +98,11 @@ def cmd_train(args) -> int:
 
     out = Path(args.out)
     has_run = (out / "checkpoints" / io.LATEST).is_file()
+    values = _requested_config(args)
     if args.resume:
         if not has_run:
             raise SystemExit(f"minidiff train: nothing to resume: {out} holds no checkpoint")
-        if any(getattr(args, k) is not None for k in ("config", "dataset", "batch_size", "lr", "seed")):
-            raise SystemExit("minidiff train: --resume continues the saved config; only --steps may change")
-        trainer = Trainer.resume(out, progress=not args.quiet, steps=args.steps)
+        trainer = Trainer.resume(out, progress=not args.quiet, config=values)
         print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
     else:
         if has_run:
@@ -92,19 +110,6 @@ def cmd_train(args) -> int:
                 f"minidiff train: {out} already holds a run; pass --resume to continue it, or choose "
                 "another --out"
             )
-        values = {}
-        if args.config:
-            try:
-                values = json.loads(Path(args.config).read_text())
-            except FileNotFoundError:
-                raise SystemExit(f"minidiff train: config file {args.config} does not exist") from None
-            except json.JSONDecodeError as exc:
-                raise SystemExit(
-                    f"minidiff train: config file {args.config} is not valid JSON: {exc}"
-                ) from None
-        for key in ("dataset", "steps", "batch_size", "lr", "seed"):
-            if getattr(args, key) is not None:
-                values[key] = getattr(args, key)
         trainer = Trainer(TrainConfig.from_dict(values), out, progress=not args.quiet)
     result = trainer.fit()
     print(

@@ -1,5 +1,11 @@
 """Process-wide settings minidiff applies when it is imported, and what they are now.
 
+minidiff never writes into its own installed package (it may be read-only, shared by several
+users, or replaced by pip): Numba's compiled-kernel cache (``cache=True``) goes to a per-user
+folder, ``NUMBA_CACHE_DIR`` set to ``<cache>/numba`` unless the user set it, where ``<cache>``
+is ``MINIDIFF_CACHE`` or the platform's user cache directory (``~/.cache/minidiff`` on Linux).
+The feature classifier of the evaluation caches its weights there too.
+
 Three settings change how fast the CPU runs minidiff's kernels and array passes; none overrides
 a value the user set, and ``minidiff info`` reports them:
 
@@ -26,6 +32,9 @@ import ctypes
 import os
 import platform
 import sys
+from pathlib import Path
+
+import platformdirs
 
 MALLOC_VAR = "MINIDIFF_MALLOC"
 BLAS_TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
@@ -43,7 +52,29 @@ _MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value: larger blocks are a
 _TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB freed at the heap's top
 _TOP_PAD = 64 << 20  # grow the heap in steps of 64 MiB
 
-_state = {"malloc": "not applied", "blas": "not applied"}
+CACHE_VAR = "MINIDIFF_CACHE"
+JIT_CACHE_VAR = "NUMBA_CACHE_DIR"
+
+_state = {"malloc": "not applied", "blas": "not applied", "jit cache": "not applied"}
+
+
+def cache_dir() -> Path:
+    """minidiff's per-user cache folder: ``MINIDIFF_CACHE``, else the platform's user cache
+    directory for minidiff (not created here)."""
+    chosen = os.environ.get(CACHE_VAR)
+    return Path(chosen).expanduser() if chosen else Path(platformdirs.user_cache_dir("minidiff", False))
+
+
+def _apply_jit_cache() -> str:
+    chosen = os.environ.get(JIT_CACHE_VAR)
+    if chosen:
+        return f"{chosen} (as set in {JIT_CACHE_VAR})"
+    folder = str(cache_dir() / "numba")
+    os.environ[JIT_CACHE_VAR] = folder
+    numba_config = sys.modules.get("numba.core.config")
+    if numba_config is not None:  # Numba read its environment before minidiff was imported
+        numba_config.CACHE_DIR = folder
+    return f"{folder} ({JIT_CACHE_VAR}; set it, or {CACHE_VAR}, to choose another folder)"
 
 
 def _restart_openblas_threads() -> int:
@@ -101,12 +132,21 @@ def _apply_malloc() -> str:
     return "glibc malloc keeps freed memory for reuse (mmap threshold 32 MiB, trim threshold 1 GiB)"
 
 
+# At import, before the kernel modules import Numba (which reads NUMBA_CACHE_DIR as it loads).
+_state["jit cache"] = _apply_jit_cache()
+
+
 def apply() -> None:
     """Apply the settings (idempotent; ``import minidiff`` calls it)."""
     if _state["malloc"] == "not applied":
         _state["malloc"] = _apply_malloc()
     if _state["blas"] == "not applied":
         _state["blas"] = _apply_blas_timeout()
+
+
+def jit_cache_note() -> str:
+    """Where Numba's compiled kernels are cached, for ``minidiff info``."""
+    return _state["jit cache"]
 
 
 def malloc_note() -> str:

@@ -102,6 +102,17 @@ class TrainConfig:
             raise ValueError(f"config: class_dropout must be in [0, 1), got {self.class_dropout}")
 
 
+def config_differences(saved: TrainConfig, requested: dict) -> list[str]:
+    """The keys (``model.<key>`` for the model's) whose value in ``requested``, a config or part
+    of one as a JSON file or the command line gives it, differs from ``saved``'s. Keys it does
+    not name keep the saved value."""
+    old = saved.to_dict()
+    merged = {**old, **requested, "model": {**old["model"], **(requested.get("model") or {})}}
+    new = TrainConfig.from_dict(merged).to_dict()
+    differing = [k for k in old if k != "model" and new[k] != old[k]]
+    return differing + [f"model.{k}" for k in old["model"] if new["model"][k] != old["model"][k]]
+
+
 def load_split(config: TrainConfig):
     """(training images, held-out images or None), the same for every run with this config."""
     data = load_dataset(config.dataset, image_size=config.image_size)
@@ -229,14 +240,25 @@ class Trainer:
         return io.save_checkpoint(self.checkpoint_dir, f"step-{self.step:08d}", arrays, self.state())
 
     @classmethod
-    def resume(cls, out_dir, progress=True, steps=None) -> Trainer:
-        """Rebuild a trainer from the newest checkpoint under ``out_dir``
-        (``steps`` may raise the target step count)."""
+    def resume(cls, out_dir, progress=True, steps=None, config=None) -> Trainer:
+        """Rebuild a trainer from the newest checkpoint under ``out_dir``. ``steps`` may change
+        the target step count; ``config`` (a dict of config fields, e.g. the run's own
+        config.json) must agree with the saved config on every key it names but ``steps``."""
         arrays, state, where = io.load_checkpoint(Path(out_dir), groups=("model", "ema", "optimizer"))
         try:
-            config = TrainConfig.from_dict(state["config"])
+            saved = TrainConfig.from_dict(state["config"])
         except (KeyError, ValueError, TypeError) as exc:
             raise io.CheckpointError(f"checkpoint {where} has no usable config: {exc}") from None
+        if config:
+            differing = [k for k in config_differences(saved, config) if k != "steps"]
+            if differing:
+                raise ValueError(
+                    f"config: a resumed run keeps its saved config ({where / io.STATE_FILE}), which "
+                    f"differs from the given one in {', '.join(differing)} (only steps may change)"
+                )
+            if steps is None and "steps" in config:
+                steps = config["steps"]
+        config = saved
         if steps is not None:
             config.steps = steps
         trainer = cls(config, out_dir, progress=progress)

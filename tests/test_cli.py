@@ -183,19 +183,29 @@ def test_resume_with_nothing_to_resume(tmp_path):
     assert "nothing to resume" in str(exit_info.value.code)
 
 
-def test_resume_refuses_a_new_config(run, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", str(run), "--resume", "--config", str(run.parent / "tiny.json")])
-    assert "only --steps may change" in str(exit_info.value.code)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", str(run), "--resume", "--lr", "0.5"])
-    assert "only --steps may change" in str(exit_info.value.code)
+def test_resume_accepts_the_runs_own_config(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    own = str(copy / "config.json")
+    assert main(["train", "--out", str(copy), "--resume", "--config", own, "--steps", "5", "--quiet"]) == 0
+    assert "finished at step 5" in capsys.readouterr().out
+    # the file that started the run, and flags equal to the saved values, are the same config
+    code = main(
+        ["train", "--out", str(copy), "--resume", "--config", str(run.parent / "tiny.json"), "--steps", "6"]
+        + ["--seed", "0", "--batch-size", "8", "--quiet"]
+    )
+    assert code == 0 and io.resolve_checkpoint(copy).name == "step-00000006"
 
 
-def test_resume_refuses_a_new_seed(run):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", str(run), "--resume", "--seed", "7", "--quiet"])
-    assert "only --steps may change" in str(exit_info.value.code)
+def test_resume_names_the_keys_that_differ(run, tmp_path, capsys):
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps({**TINY, "lr": 0.5, "model": {**TINY["model"], "base_channels": 16}}))
+    assert main(["train", "--out", str(run), "--resume", "--config", str(changed), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert "differs from the given one in lr, model.base_channels (only steps may change)" in message
+    assert main(["train", "--out", str(run), "--resume", "--seed", "7", "--quiet"]) == 2
+    assert "in seed (only steps" in capsys.readouterr().err
+    assert io.resolve_checkpoint(run).name == "step-00000004"  # untouched
 
 
 def test_train_config_errors(tmp_path, capsys):

@@ -41,6 +41,7 @@ def test_info_reports_the_process_settings(capsys):
     out = capsys.readouterr().out
     settings = out[out.index("process settings:") :]
     assert "blas" in settings and "malloc" in settings and "GOMP_SPINCOUNT" in settings
+    assert "jit cache" in settings and "NUMBA_CACHE_DIR" in settings
 
 
 def _run(code, **env):
@@ -106,3 +107,44 @@ def test_openblas_threads_sleep_after_products_even_when_numpy_came_first():
     # numpy (and its OpenBLAS, threads started) before minidiff: minidiff restarts them
     states = _run(_STATES_AFTER_PRODUCTS.format(imports="import minidiff"), OPENBLAS_THREAD_TIMEOUT=None)[0]
     assert "R" not in states, f"thread states {states}: an OpenBLAS thread still spins"
+
+
+# A Numba kernel with cache=True, compiled in a fresh process; prints where its cache went.
+_COMPILE_A_CACHED_KERNEL = """
+import numpy as np
+import minidiff
+from minidiff import kernels
+x = np.random.default_rng(0).standard_normal((2, 4, 3, 3)).astype(np.float32)
+with kernels.use("numba"):
+    kernels.group_norm_forward(x, None, None, 2, 1e-5)
+import numba
+print(numba.config.CACHE_DIR)
+print(minidiff.runtime.jit_cache_note())
+"""
+
+
+def _package_cache_files():
+    import minidiff
+
+    package = os.path.dirname(minidiff.__file__)
+    return {os.path.join(d, f) for d, _, fs in os.walk(package) for f in fs if f.endswith((".nbi", ".nbc"))}
+
+
+@pytest.mark.parametrize("numba_first", [False, True], ids=["minidiff-first", "numba-first"])
+def test_jit_cache_goes_to_the_user_cache_not_the_package(tmp_path, numba_first):
+    before = _package_cache_files()
+    code = ("import numba\n" if numba_first else "") + _COMPILE_A_CACHED_KERNEL
+    cache_dir, note, _ = _run(
+        code, XDG_CACHE_HOME=str(tmp_path), NUMBA_CACHE_DIR=None, MINIDIFF_CACHE=None
+    )
+    expected = tmp_path / "minidiff" / "numba"
+    assert cache_dir == str(expected) and note.startswith(str(expected))
+    assert list(expected.rglob("*.nbi")), "the kernel was not cached in the user cache folder"
+    assert _package_cache_files() == before  # nothing written into the installed package
+
+
+def test_jit_cache_follows_the_users_choice(tmp_path):
+    cache_dir, note, _ = _run(_COMPILE_A_CACHED_KERNEL, MINIDIFF_CACHE=str(tmp_path / "c"), NUMBA_CACHE_DIR=None)
+    assert cache_dir == str(tmp_path / "c" / "numba") and list((tmp_path / "c" / "numba").rglob("*.nbi"))
+    cache_dir, note, _ = _run(_COMPILE_A_CACHED_KERNEL, NUMBA_CACHE_DIR=str(tmp_path / "mine"))
+    assert cache_dir == str(tmp_path / "mine") and note == f"{tmp_path / 'mine'} (as set in NUMBA_CACHE_DIR)"

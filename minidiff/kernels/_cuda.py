@@ -18,7 +18,7 @@ than ``BUFFER``, the size of the shared reduction buffers (a compile-time consta
 
 The kernels are compiled on first use and cached on disk (``cache=True``) like the Numba CPU
 ones; Numba keys a cached kernel on its own file, so after editing the device functions here,
-delete the ``__pycache__`` of the family files to recompile the kernels that call them.
+delete Numba's cache folder (``minidiff info`` names it) to recompile the kernels that call them.
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 
 from .. import functional as F
+from .. import runtime
 from ..autograd import no_grad
 from ..nn import Conv2d, Linear, Module
 from ..optim import Adam
@@ -37,10 +37,6 @@ class FeatureClassifier(Module):
 
     def forward(self, x):
         return self.head(self.features(x))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINIDIFF_CACHE", Path.home() / ".cache" / "minidiff"))
 
 
 def _fingerprint(images, labels, **settings) -> str:
@@ -75,7 +71,7 @@ def train_classifier(
     key = _fingerprint(
         images, labels, num_classes=num_classes, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
     )
-    path = cache_dir() / f"classifier-{key}.safetensors"
+    path = runtime.cache_dir() / f"classifier-{key}.safetensors"
     if use_cache and path.is_file():
         try:
             model.load_state_dict(load_file(str(path)))
