@@ -2,7 +2,7 @@
 
 # runtime first: it sets variables that libraries read when they load (OpenBLAS, with NumPy)
 from . import runtime  # isort: skip
-from . import diffusion, functional, nn, optim
+from . import diffusion, functional, models, nn, optim
 from .autograd import Function, is_grad_enabled, no_grad
 from .backend import Device, cuda_available
 from .tensor import Tensor, ones, randn, tensor, zeros
@@ -19,6 +19,7 @@ __all__ = [
     "diffusion",
     "functional",
     "is_grad_enabled",
+    "models",
     "nn",
     "no_grad",
     "optim",

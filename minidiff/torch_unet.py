@@ -2,7 +2,7 @@
 tests and the other side of the U-Net benchmark (minidiff.unet_benchmark). Needs PyTorch, which
 minidiff itself does not: import this module only where torch is installed.
 
-Written from the paper's description, not from minidiff/nn/unet.py:
+Written from the paper's description, not from minidiff/models/unet.py:
 
 * timestep embedding: sinusoidal, [sin(t f), cos(t f)] with f_i = exp(-ln(10000) i / (half - 1)),
   then Linear(ch, 4ch), SiLU, Linear(4ch, 4ch); an optional class embedding
@@ -66,21 +66,19 @@ class TorchAttention(nn.Module):
     def __init__(self, ch, groups):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch)
-        self.q = nn.Conv2d(ch, ch, 1)
-        self.k = nn.Conv2d(ch, ch, 1)
-        self.v = nn.Conv2d(ch, ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.Linear(ch, ch)
 
     def forward(self, x):
         n, c, h, w = x.shape
-        y = self.norm(x)
-        q = self.q(y).reshape(n, c, h * w)
-        k = self.k(y).reshape(n, c, h * w)
-        v = self.v(y).reshape(n, c, h * w)
-        scores = torch.einsum("nci,ncj->nij", q, k) / math.sqrt(c)  # (N, HW query, HW key)
+        y = self.norm(x).reshape(n, c, h * w).transpose(1, 2)  # (N, HW, C)
+        q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
+        scores = torch.einsum("nic,njc->nij", q, k) / math.sqrt(c)  # (N, HW query, HW key)
         weights = torch.softmax(scores, dim=-1)
-        out = torch.einsum("nij,ncj->nci", weights, v).reshape(n, c, h, w)
-        return x + self.proj_out(out)
+        out = self.to_out(torch.einsum("nij,njc->nic", weights, v))
+        return x + out.transpose(1, 2).reshape(n, c, h, w)
 
 
 class TorchResAttention(nn.Module):

@@ -25,7 +25,7 @@ import numpy as np
 from . import io
 from .data import BatchIterator, load_dataset, save_grid
 from .diffusion import GaussianDiffusion, ddim_sample
-from .nn import UNet
+from .models import UNet
 from .nn.layers import Dropout
 from .optim import EMA, AdamW, clip_grad_norm, warmup_lr
 from .plot import plot_loss
@@ -111,6 +111,27 @@ def config_differences(saved: TrainConfig, requested: dict) -> list[str]:
     new = TrainConfig.from_dict(merged).to_dict()
     differing = [k for k in old if k != "model" and new[k] != old[k]]
     return differing + [f"model.{k}" for k in old["model"] if new["model"][k] != old["model"][k]]
+
+
+CHECKPOINT_FORMAT = "minidiff-checkpoint-2"
+# Format 1 held the U-Net's attention projections as 1x1 convolutions named q, k, v, proj_out;
+# format 2 has the shared nn.Attention's linear to_q, to_k, to_v, to_out (the same numbers).
+_FORMAT_1_ATTENTION = {"q": "attn.to_q", "k": "attn.to_k", "v": "attn.to_v", "proj_out": "attn.to_out"}
+
+
+def upgrade_checkpoint_arrays(group: dict, state: dict) -> dict:
+    """The arrays of one checkpoint group (model, ema, optimizer) under the current names."""
+    if state.get("format") != "minidiff-checkpoint-1":
+        return group
+    upgraded = {}
+    for key, value in group.items():
+        head, _, leaf = key.rpartition(".")
+        block, _, layer = head.rpartition(".")
+        if block.endswith("attn") and layer in _FORMAT_1_ATTENTION:
+            key = f"{block}.{_FORMAT_1_ATTENTION[layer]}.{leaf}"
+            value = value.reshape(value.shape[:2]) if value.ndim == 4 else value
+        upgraded[key] = value
+    return upgraded
 
 
 def load_split(config: TrainConfig):
@@ -211,7 +232,7 @@ class Trainer:
 
     def state(self) -> dict:
         return {
-            "format": "minidiff-checkpoint-1",
+            "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
             "step": self.step,
             "num_classes": self.num_classes,
@@ -245,6 +266,7 @@ class Trainer:
         the target step count; ``config`` (a dict of config fields, e.g. the run's own
         config.json) must agree with the saved config on every key it names but ``steps``."""
         arrays, state, where = io.load_checkpoint(Path(out_dir), groups=("model", "ema", "optimizer"))
+        arrays = {group: upgrade_checkpoint_arrays(values, state) for group, values in arrays.items()}
         try:
             saved = TrainConfig.from_dict(state["config"])
         except (KeyError, ValueError, TypeError) as exc:
@@ -390,7 +412,7 @@ def load_model(checkpoint, weights="ema"):
             norm_groups=m.norm_groups,
             num_classes=state["num_classes"],
         )
-        model.load_state_dict(arrays[weights])
+        model.load_state_dict(upgrade_checkpoint_arrays(arrays[weights], state))
     except (KeyError, ValueError, TypeError) as exc:
         raise io.CheckpointError(f"checkpoint {where} is inconsistent: {exc}") from None
     diffusion = GaussianDiffusion(

@@ -62,7 +62,7 @@ def make_steps(framework, cfg, batch, seed=0, device="cpu"):
         from minidiff import functional as F
         from minidiff.optim import Adam
 
-        model = minidiff.nn.UNet(**cfg).to(device)
+        model = minidiff.models.UNet(**cfg).to(device)
         opt = Adam(model.parameters(), lr=1e-4)
         xt, tt = minidiff.tensor(x, device=device), minidiff.tensor(target, device=device)
         sync = minidiff.Device(device).xp.cuda.Device().synchronize if device != "cpu" else lambda: None

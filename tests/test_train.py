@@ -541,3 +541,41 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path, weights="best")
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing")
+
+
+def _as_format_1(key, value):
+    """A current checkpoint key and array as format 1 wrote them (attention as 1x1 convolutions)."""
+    old_names = {"attn.to_q": "q", "attn.to_k": "k", "attn.to_v": "v", "attn.to_out": "proj_out"}
+    for new, old in old_names.items():
+        if f".{new}." in key:
+            return key.replace(f".{new}.", f".{old}."), value[..., None, None] if value.ndim == 2 else value
+    return key, value
+
+
+def test_a_format_1_checkpoint_loads_and_resumes_with_the_same_numbers(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    trainer = tiny_trainer(tmp_path / "new", steps=2)
+    trainer.fit()
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(tmp_path / "new", old)
+    folder = old / "checkpoints" / latest(old)
+    for group in ("model", "ema", "optimizer"):
+        arrays = load_file(str(folder / f"{group}.safetensors"))
+        save_file(dict(_as_format_1(k, v) for k, v in arrays.items()), str(folder / f"{group}.safetensors"))
+    assert any(".attn.q.weight" in k for k in load_file(str(folder / "model.safetensors")))
+    state = json.loads((folder / io.STATE_FILE).read_text())
+    state["format"] = "minidiff-checkpoint-1"
+    (folder / io.STATE_FILE).write_text(json.dumps(state))
+
+    for weights in ("ema", "model"):
+        a, _, _ = load_model(tmp_path / "new", weights=weights)
+        b, _, _ = load_model(old, weights=weights)
+        for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+            assert np.array_equal(p.data, q.data), name
+    resumed_new = Trainer.resume(tmp_path / "new", progress=False, steps=3)
+    resumed_old = Trainer.resume(old, progress=False, steps=3)
+    resumed_new.fit(), resumed_old.fit()
+    assert_bitwise_equal(snapshot(resumed_old), snapshot(resumed_new))

@@ -1,10 +1,11 @@
-"""Modules: layers and the DDPM U-Net."""
+"""Modules: the Module base, layers, and attention (self and cross, written once)."""
 
+from .attention import Attention
 from .layers import Conv2d, Dropout, Embedding, GroupNorm, Identity, LayerNorm, Linear, Sequential, SiLU
 from .module import Module, Parameter
-from .unet import UNet, timestep_embedding
 
 __all__ = [
+    "Attention",
     "Conv2d",
     "Dropout",
     "Embedding",
@@ -16,6 +17,4 @@ __all__ = [
     "Parameter",
     "Sequential",
     "SiLU",
-    "UNet",
-    "timestep_embedding",
 ]

@@ -15,9 +15,9 @@ import math
 import numpy as np
 
 from .. import functional as F
+from ..nn import Attention, Conv2d, Dropout, Embedding, GroupNorm, Linear, Module
+from ..nn.attention import image_from_tokens, image_tokens
 from ..tensor import Tensor, as_tensor
-from .layers import Conv2d, Dropout, Embedding, GroupNorm, Linear
-from .module import Module
 
 
 def timestep_embedding(t, dim: int, xp=np, dtype=np.float32):
@@ -67,23 +67,13 @@ class AttentionBlock(Module):
 
     def __init__(self, ch, groups, rng, dtype):
         self.norm = GroupNorm(groups, ch, dtype=dtype)
-        self.q = Conv2d(ch, ch, 1, rng=rng, dtype=dtype)
-        self.k = Conv2d(ch, ch, 1, rng=rng, dtype=dtype)
-        self.v = Conv2d(ch, ch, 1, rng=rng, dtype=dtype)
-        self.proj_out = Conv2d(ch, ch, 1, rng=rng, dtype=dtype)
-        _zero_(self.proj_out.weight)
-        _zero_(self.proj_out.bias)
+        self.attn = Attention(ch, rng=rng, dtype=dtype)
+        _zero_(self.attn.to_out.weight)
+        _zero_(self.attn.to_out.bias)
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        y = self.norm(x)
-
-        def tokens(t):  # (N, C, H, W) -> (N, H*W, C)
-            return F.permute(F.reshape(t, (n, c, h * w)), (0, 2, 1))
-
-        out = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
-        out = F.reshape(F.permute(out, (0, 2, 1)), (n, c, h, w))
-        return x + self.proj_out(out)
+        _, _, h, w = x.shape
+        return x + image_from_tokens(self.attn(image_tokens(self.norm(x))), h, w)
 
 
 class ResAttention(Module):

@@ -13,7 +13,7 @@ import pytest
 
 import minidiff as md
 import minidiff.functional as F
-from minidiff.nn import UNet, timestep_embedding
+from minidiff.models import UNet, timestep_embedding
 from minidiff.testing import tolerance
 
 torch = pytest.importorskip("torch")
@@ -194,7 +194,7 @@ def _training_step_gradients(config, seed, num_classes=None):
             failures.append(f"{name}: no gradient")
             continue
         assert p.grad.dtype == np.float32
-        if name.endswith("attn.k.bias"):
+        if name.endswith("attn.to_k.bias"):
             # Exactly zero: the key bias adds q_i . b to every score of query i, and the softmax
             # over keys ignores a per-row shift. Both sides hold rounding noise (~1e-11) whose
             # relative error is meaningless, so check them against the table's float32 atol.
