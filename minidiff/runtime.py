@@ -10,7 +10,10 @@ Three settings change how fast the CPU runs minidiff's kernels and array passes;
 a value the user set, and ``minidiff info`` reports them:
 
 - ``OMP_WAIT_POLICY=PASSIVE`` and ``GOMP_SPINCOUNT=3000`` for the native kernels' OpenMP
-  threads: idle workers spin briefly, then sleep (see kernels/registry.py).
+  threads: an idle worker spins briefly (enough to stay awake through back-to-back kernels),
+  then sleeps, instead of busy-waiting long enough to take its core from the BLAS matrix product
+  that usually comes next. The OpenMP runtime reads them when it loads (with the native
+  extension, after this module).
 - ``OPENBLAS_THREAD_TIMEOUT=4`` for the OpenBLAS that NumPy multiplies matrices with: its idle
   threads then sleep at once instead of spinning for about 2^28 cycles (tens of milliseconds)
   after every product. A spinning BLAS thread holds a core that the native kernels' OpenMP
@@ -24,6 +27,9 @@ a value the user set, and ``minidiff info`` reports them:
   page again, every step (about a fifth of the step's time on a 2-core machine). The resident
   size then stays near its peak instead of shrinking between steps. Set
   ``MINIDIFF_MALLOC=system`` to keep the allocator's defaults.
+
+``NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0`` (unless set): the CUDA reductions launch one block per
+group, row or channel by design, and numba-cuda would warn at every launch of under 128 blocks.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ import platformdirs
 MALLOC_VAR = "MINIDIFF_MALLOC"
 BLAS_TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
 _BLAS_TIMEOUT = "4"  # OpenBLAS's smallest: idle threads sleep after 2^4 cycles
+
+# Read by the OpenMP runtime and by numba when they load, after this module: only defaults.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 # Before NumPy loads OpenBLAS, when minidiff is imported first: nothing to restart then.
 _blas_user_value = os.environ.get(BLAS_TIMEOUT_VAR)

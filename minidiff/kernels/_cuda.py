@@ -27,7 +27,7 @@ import numpy as np
 
 from minidiff.backend import get_array_module
 
-from .registry import cuda
+from .machine import cuda
 
 THREADS = 256  # threads per block (a power of two)
 MAX_BLOCKS = 4096  # blocks of an elementwise launch; larger arrays loop over the grid

@@ -24,7 +24,8 @@ from minidiff.backend import get_array_module
 from . import _cuda, diffusion
 from ._checks import float_dtype, same_shape
 from ._cuda import BUFFER, block_max, block_sum
-from .registry import cuda, native, njit, prange, register
+from .machine import cuda, native, njit, prange
+from .registry import register
 
 
 def _check_axis(fn, x, axis):

@@ -33,7 +33,8 @@ from minidiff.backend import get_array_module
 
 from . import _cuda
 from ._checks import float_dtype, pair
-from .registry import cuda, native, njit, prange, register
+from .machine import cuda, native, njit, prange
+from .registry import register
 
 
 def conv_output_size(fn, x_shape, kh, kw, stride, padding):

@@ -42,7 +42,8 @@ from minidiff.backend import get_array_module, to_device
 from . import _cuda
 from ._checks import FLOAT_DTYPES, float_dtype, same_shape
 from ._cuda import BUFFER, block_sum
-from .registry import cuda, native, njit, prange, register
+from .machine import cuda, native, njit, prange
+from .registry import register
 
 CHUNK = 4096  # elements per task of the elementwise kernels and per partial sum of the loss
 # Below this many elements the fast kernels here and in optim.py run on one thread: waking the

@@ -34,7 +34,8 @@ from minidiff.backend import get_array_module
 from . import _cuda
 from ._checks import float_dtype, same_shape
 from ._cuda import BUFFER, block_sum, block_sum2
-from .registry import cuda, native, njit, prange, register
+from .machine import cuda, native, njit, prange
+from .registry import register
 
 
 def _check_x(fn, x, groups):

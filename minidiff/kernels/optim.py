@@ -44,7 +44,8 @@ from minidiff.backend import get_array_module
 from . import _cuda, diffusion
 from ._checks import FLOAT_DTYPES
 from .diffusion import CHUNK, _check_arrays, _flat, _rounded
-from .registry import cuda, njit, prange, register
+from .machine import cuda, njit, prange
+from .registry import register
 
 
 def _check_in_place(fn, names, *arrays):

@@ -18,7 +18,7 @@ import numpy as np
 from .. import kernels
 from ..autograd import Function
 from ..backend import get_array_module
-from ..kernels.registry import native
+from ..kernels.machine import native
 
 COLS_CHUNK_BYTES = 4 << 20
 _DIRECT_IS_VECTORIZED = native is not None and native.conv2d_direct_isa != "baseline"

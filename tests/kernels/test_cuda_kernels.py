@@ -18,13 +18,13 @@ import pytest
 from kernel_params import make_array
 
 from minidiff import kernels
-from minidiff.kernels import _cuda, registry
+from minidiff.kernels import _cuda, machine
 from minidiff.testing import tolerance
 
 CUDA_OK, WHY = kernels.available()["cuda"]
 pytestmark = pytest.mark.skipif(not CUDA_OK, reason=WHY)
 
-if CUDA_OK and not registry._simulated():
+if CUDA_OK and not machine.simulated():
     xp = pytest.importorskip("cupy", reason="the CUDA kernels take CuPy arrays on a GPU")
 else:
     xp = np
@@ -57,7 +57,7 @@ TOL = {np.float32: dict(atol=1e-5, rtol=1e-4), np.float64: dict(atol=1e-10, rtol
 def quick_thread_switches():
     """Under the simulator a block's threads are Python threads, and its scheduler polls them,
     holding the GIL for a switch interval (5 ms by default) at a time: switch 50 times as often."""
-    if xp is not np or not registry._simulated():
+    if xp is not np or not machine.simulated():
         yield
         return
     interval = sys.getswitchinterval()

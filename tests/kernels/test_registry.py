@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minidiff import kernels
-from minidiff.kernels import registry
+from minidiff.kernels import machine, registry
 
 
 @pytest.fixture(autouse=True)
@@ -211,7 +211,7 @@ def test_environment_variable_in_a_fresh_process():
 def fake_gpu_op(monkeypatch):
     """A test-only op with reference, numba and cuda versions that say which one ran; CUDA counts
     as usable (whatever this machine has) unless a test says otherwise."""
-    monkeypatch.setattr(registry, "_cuda_missing", None)
+    monkeypatch.setattr(machine, "cuda_missing", None)
     monkeypatch.setitem(registry._AVAILABLE, "cuda", (True, "pretend there is a GPU"))
     op = "_test_only_gpu_op"
     for impl in ("reference", "numba", "cuda"):
@@ -280,7 +280,7 @@ def test_implementations_by_device(fake_gpu_op):
 
 
 def test_cuda_versions_are_registered_only_where_numba_cuda_imports(monkeypatch):
-    monkeypatch.setattr(registry, "_cuda_missing", "numba.cuda cannot be imported (test)")
+    monkeypatch.setattr(machine, "cuda_missing", "numba.cuda cannot be imported (test)")
     op = "_test_only_cpu_only_op"
     try:
         registry.register(op, "reference")(lambda x: "reference")
@@ -306,7 +306,7 @@ def test_use_cuda_leaves_numpy_arrays_to_auto():
 
 def test_without_a_cuda_driver_numba_cuda_is_not_even_imported():
     """``import minidiff`` on a machine without a GPU pays nothing for the CUDA kernels."""
-    if registry._cuda_driver_present():
+    if machine.cuda_driver_present():
         pytest.skip("this machine has a CUDA driver")
     code = (
         "import sys; from minidiff import kernels; print('numba.cuda' in sys.modules); "
@@ -354,10 +354,10 @@ def test_cuda_status_says_why_kernels_cannot_be_compiled(monkeypatch):
         def jit(self, fn):
             raise OSError("libnvrtc.so.12: cannot open shared object file")
 
-    monkeypatch.setattr(registry, "_cuda_missing", None)
-    monkeypatch.setattr(registry, "_simulated", lambda: False)
-    monkeypatch.setattr(registry, "cuda", Driver())
-    ok, why = registry._cuda_status()
+    monkeypatch.setattr(machine, "cuda_missing", None)
+    monkeypatch.setattr(machine, "simulated", lambda: False)
+    monkeypatch.setattr(machine, "cuda", Driver())
+    ok, why = machine.cuda_status()
     assert not ok
     assert why.startswith("numba-cuda cannot compile and run a kernel on Test GPU (OSError: libnvrtc")
     assert 'pip install "numba-cuda[cu12]"' in why
@@ -373,13 +373,13 @@ def test_cuda_status_says_why_a_driver_without_a_gpu_is_not_usable(monkeypatch):
                 raise self.error
             return False
 
-    monkeypatch.setattr(registry, "_cuda_missing", None)
-    monkeypatch.setattr(registry, "_simulated", lambda: False)
-    monkeypatch.setattr(registry, "cuda", Driver())
-    assert registry._cuda_status() == (
+    monkeypatch.setattr(machine, "cuda_missing", None)
+    monkeypatch.setattr(machine, "simulated", lambda: False)
+    monkeypatch.setattr(machine, "cuda", Driver())
+    assert machine.cuda_status() == (
         False,
         "numba.cuda found no usable CUDA GPU (cuda.is_available() is False)",
     )
-    monkeypatch.setattr(registry, "cuda", Driver(OSError("driver version too old")))
-    ok, why = registry._cuda_status()
+    monkeypatch.setattr(machine, "cuda", Driver(OSError("driver version too old")))
+    ok, why = machine.cuda_status()
     assert not ok and why == "the CUDA driver failed to start (OSError: driver version too old)"
