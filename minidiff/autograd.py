@@ -1,11 +1,15 @@
 """Reverse-mode automatic differentiation.
 
-Every differentiable op is a :class:`Function`. Calling ``SomeOp.apply(*tensors)``
-runs ``forward`` on the raw arrays and, when a gradient will be needed,
-remembers the Function instance on the output tensor (``out._ctx``). That
-instance knows its inputs, so the tensors and Functions form a graph.
-``backward`` walks the graph from the output in reverse topological order and
-asks each Function for the gradients of its inputs. See docs/autodiff.md.
+A :class:`Variable` is what the graph needs of a tensor: its array, its gradient, whether it
+wants one, and the Function that made it (``minidiff.Tensor`` is a Variable with the
+operators). Every differentiable op is a :class:`Function`. Calling ``SomeOp.apply(*tensors)``
+runs ``forward`` on the raw arrays and, when a gradient will be needed, remembers the Function
+instance on the output (``out._ctx``). That instance knows its inputs, so the tensors and
+Functions form a graph. ``backward`` walks the graph from the output in reverse topological
+order and asks each Function for the gradients of its inputs. See docs/autodiff.md.
+
+The output of ``apply`` has the class of its inputs, so this module never imports the Tensor
+class built on top of it.
 
 Only first-order gradients are supported: ``backward`` works on raw arrays,
 so the gradient computation itself is not recorded.
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import threading
 
-from .backend import device_of
+from .backend import Device, device_of
 
 _state = threading.local()
 
@@ -48,6 +52,87 @@ class no_grad:
         wrapper.__name__ = getattr(func, "__name__", "wrapper")
         wrapper.__doc__ = func.__doc__
         return wrapper
+
+
+class Variable:
+    """An array in the graph: ``data`` (numpy or cupy ndarray), ``grad`` (an array of the same
+    shape after ``backward()``, else None), ``requires_grad``, and ``_ctx``, the Function that
+    made it (None for a leaf). Users make ``minidiff.Tensor``s (:func:`minidiff.tensor`)."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
+
+    @classmethod
+    def from_array(cls, data, requires_grad=False):
+        """A leaf around an existing array: no copy and no checks (``minidiff.tensor`` copies
+        and checks)."""
+        t = cls.__new__(cls)
+        t.data, t.grad, t.requires_grad, t._ctx = data, None, requires_grad, None
+        return t
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def device(self) -> Device:
+        return device_of(self.data)
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    def backward(self, grad=None, retain_graph=False):
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+        ``grad`` is the gradient flowing into ``self``; it may be left out only
+        when ``self`` holds a single element (a loss).
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward() on a tensor that does not require grad: no input of the ops "
+                "that made it has requires_grad=True (or it was made under no_grad())"
+            )
+        xp = self.device.xp
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(
+                    f"backward() without a gradient needs a single-element tensor, got shape "
+                    f"{self.shape}; pass grad= of that shape, or reduce first (e.g. .sum())"
+                )
+            grad = xp.ones(self.shape, dtype=self.dtype)
+        else:
+            grad = grad.data if isinstance(grad, Variable) else grad
+            grad = xp.asarray(grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(
+                    f"backward(): grad has shape {grad.shape} but the tensor has shape {self.shape}"
+                )
+        run_backward(self, grad, retain_graph=retain_graph)
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return type(self).from_array(self.data)
+
+    def requires_grad_(self, flag: bool = True):
+        if flag and self.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require grad, not {self.dtype}")
+        self.requires_grad = flag
+        return self
+
+    def zero_grad(self):
+        self.grad = None
 
 
 class Function:
@@ -86,20 +171,19 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **params):
-        """Run the op on Tensors (or None) and record it in the graph if needed."""
-        from .tensor import Tensor
-
+        """Run the op on Tensors (or None) and record it in the graph if needed; the output
+        has the class of the first input."""
         fn = cls()
         arrays = []
-        device = float_dtype = None
+        device = float_dtype = output_type = None
         for x in inputs:
             if x is None:
                 arrays.append(None)
                 continue
-            if not isinstance(x, Tensor):
+            if not isinstance(x, Variable):
                 raise TypeError(f"{fn.name}: expected Tensor inputs, got {type(x).__name__}")
             if device is None:
-                device = x.device
+                device, output_type = x.device, type(x)
             elif x.device != device:
                 raise ValueError(
                     f"{fn.name}: inputs are on different devices ({device} and {x.device}); "
@@ -118,7 +202,9 @@ class Function:
         data = fn.forward(*arrays, **params)
 
         requires_grad = is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-        out = Tensor._wrap(data, requires_grad=requires_grad)
+        if output_type is None:
+            raise TypeError(f"{fn.name}: needs at least one Tensor input")
+        out = output_type.from_array(data, requires_grad=requires_grad)
         if requires_grad:
             fn.inputs = inputs
             fn.needs_input_grad = tuple(x is not None and x.requires_grad for x in inputs)

@@ -3,6 +3,10 @@
 Each function checks its arguments (so bad input fails here, with the op's
 name and the shapes involved, not deep inside NumPy) and then applies one
 Function from ``minidiff.ops``, or composes several.
+
+It works on the graph's Variables (``minidiff.Tensor`` is one) and makes new ones only through
+``Function.apply`` or with the class of a Tensor argument, so it never imports minidiff.tensor,
+which builds on it.
 """
 
 from __future__ import annotations
@@ -12,21 +16,44 @@ import numbers
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
+from .autograd import Variable
 from .backend import FLOAT_DTYPES, Device
 from .backend import to_device as _move_array
-from .ops import attention, conv, elementwise, linalg, norm, reduce, spatial
+from .ops import attention, conv, elementwise, linalg, loss, norm, reduce, spatial
 from .ops import shape as shape_module
-from .tensor import Tensor, as_tensor
+
+if TYPE_CHECKING:
+    from .tensor import Tensor
 
 # -- argument checks ----------------------------------------------------------
 
 
+def constant_like(value, like: Tensor) -> Tensor:
+    """A number, list or array as a constant Tensor (no gradient) on ``like``'s device, with
+    ``like``'s dtype when both are numeric and ``like`` is floating (booleans stay masks)."""
+    if isinstance(value, Variable):
+        return value
+    if not (isinstance(value, numbers.Number) or hasattr(value, "__array__") or isinstance(value, (list, tuple))):
+        raise TypeError(f"cannot use a {type(value).__name__} as a tensor")
+    array = like.device.xp.asarray(value)
+    if like.dtype.kind == "f" and array.dtype.kind in "fiu":
+        array = array.astype(like.dtype, copy=False)
+    return type(like).from_array(array)
+
+
+def _result(array, like: Tensor) -> Tensor:
+    """An array computed outside the graph (no gradient), as a Tensor of ``like``'s class."""
+    return type(like).from_array(array)
+
+
 def _tensor(x, op, arg) -> Tensor:
-    if isinstance(x, Tensor):
+    if isinstance(x, Variable):
         return x
-    if hasattr(x, "__array__") or isinstance(x, (numbers.Number, list, tuple)):
-        return as_tensor(x)
-    raise TypeError(f"{op}: {arg} must be a Tensor, got {type(x).__name__}")
+    raise TypeError(
+        f"{op}: {arg} must be a Tensor, got {type(x).__name__} (make one with minidiff.tensor(...))"
+    )
 
 
 def _float_tensor(x, op, arg) -> Tensor:
@@ -57,12 +84,14 @@ def _pair(value, op, arg, minimum):
 
 def _binary_operands(a, b, op):
     """Both operands as Tensors: numbers and arrays take the other side's dtype and device."""
-    if isinstance(a, Tensor):
-        b = as_tensor(b, like=a)
-    elif isinstance(b, Tensor):
-        a = as_tensor(a, like=b)
+    if isinstance(a, Variable):
+        b = constant_like(b, like=a)
+    elif isinstance(b, Variable):
+        a = constant_like(a, like=b)
     else:
-        a, b = as_tensor(a), as_tensor(b)
+        raise TypeError(
+            f"{op}: at least one operand must be a Tensor, got {type(a).__name__} and {type(b).__name__}"
+        )
     try:
         np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
@@ -97,7 +126,7 @@ def div(a, b) -> Tensor:
 
 def pow(base, exponent) -> Tensor:  # noqa: A001 - mirrors the ** operator
     """base ** exponent. A number exponent is a constant; a Tensor one is differentiable."""
-    if isinstance(base, Tensor) and isinstance(exponent, numbers.Number):
+    if isinstance(base, Variable) and isinstance(exponent, numbers.Number):
         # a Python number, so NumPy scalars (float64) do not promote float32 data
         exponent = int(exponent) if isinstance(exponent, numbers.Integral) else float(exponent)
         return elementwise.PowScalar.apply(base, exponent=exponent)
@@ -125,7 +154,7 @@ def compare(a, b, how: str) -> Tensor:
     if a.device != b.device:
         raise ValueError(f"{how}: inputs are on different devices ({a.device} and {b.device})")
     xp = a.device.xp
-    return Tensor._wrap(getattr(xp, _COMPARISONS[how].__name__)(a.data, b.data))
+    return _result(getattr(xp, _COMPARISONS[how].__name__)(a.data, b.data), a)
 
 
 def _unary(cls, x, op, **params):
@@ -184,7 +213,7 @@ def clip(x, low=None, high=None) -> Tensor:
 def masked_fill(x, mask, value) -> Tensor:
     """``value`` where the boolean ``mask`` is True, ``x`` elsewhere."""
     x = _float_tensor(x, "masked_fill", "x")
-    mask = as_tensor(mask, like=x) if not isinstance(mask, Tensor) else mask
+    mask = constant_like(mask, like=x) if not isinstance(mask, Variable) else mask
     if mask.dtype != np.bool_:
         raise TypeError(f"masked_fill: mask must be boolean, got dtype {mask.dtype}")
     try:
@@ -204,7 +233,7 @@ def cast(x, dtype) -> Tensor:
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"cast: dtype {dtype} is not supported; use float32 or float64")
     if x.dtype.kind != "f":  # integer data: a plain conversion, nothing to differentiate
-        return Tensor._wrap(x.data.astype(dtype))
+        return _result(x.data.astype(dtype), x)
     return elementwise.Cast.apply(x, dtype=dtype)
 
 
@@ -214,7 +243,7 @@ def to_device(x, device) -> Tensor:
     device = Device(device)
     _ = device.xp  # raises a clear error when CUDA is not there
     if x.dtype.kind != "f":
-        return Tensor._wrap(_move_array(x.data, device))
+        return _result(_move_array(x.data, device), x)
     return elementwise.ToDevice.apply(x, device=device)
 
 
@@ -298,12 +327,12 @@ def shape_op(cls, x, **params):
     """Shape ops work on any dtype; only float tensors can carry gradients."""
     if x.dtype.kind != "f":
         fn = cls()
-        return Tensor._wrap(fn.forward(x.data, **params))
+        return _result(fn.forward(x.data, **params), x)
     return cls.apply(x, **params)
 
 
 def _index_part(part, x, advanced):
-    if isinstance(part, Tensor):
+    if isinstance(part, Variable):
         part = part.data
     if isinstance(part, (list, np.ndarray)) or type(part).__module__.startswith("cupy"):
         array = np.asarray(part) if isinstance(part, list) else part
@@ -382,8 +411,8 @@ def pad(x, pad_width, value=0.0) -> Tensor:
 def matmul(a, b) -> Tensor:
     """Matrix product with NumPy's rules: batch dims broadcast, 1-D operands
     are promoted to matrices and the added axis is removed again."""
-    if isinstance(a, Tensor) != isinstance(b, Tensor):  # an array operand follows the Tensor's dtype
-        a, b = (a, as_tensor(b, like=a)) if isinstance(a, Tensor) else (as_tensor(a, like=b), b)
+    if isinstance(a, Variable) != isinstance(b, Variable):  # an array operand follows the Tensor's dtype
+        a, b = (a, constant_like(b, like=a)) if isinstance(a, Variable) else (constant_like(a, like=b), b)
     a, b = _float_tensor(a, "matmul", "a"), _float_tensor(b, "matmul", "b")
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: operands must have at least 1 dim, got {a.shape} and {b.shape}")
@@ -406,7 +435,7 @@ def matmul(a, b) -> Tensor:
 def linear(x, weight, bias=None) -> Tensor:
     """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
     x = _float_tensor(x, "linear", "x")
-    weight = _float_tensor(as_tensor(weight, like=x), "linear", "weight")
+    weight = _float_tensor(constant_like(weight, like=x), "linear", "weight")
     _check_ndim(weight, 2, "linear", "weight", "(out_features, in_features)")
     if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -414,7 +443,7 @@ def linear(x, weight, bias=None) -> Tensor:
             f"{weight.shape[1]} input features in the last axis"
         )
     if bias is not None:
-        bias = _float_tensor(as_tensor(bias, like=x), "linear", "bias")
+        bias = _float_tensor(constant_like(bias, like=x), "linear", "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
     return linalg.Linear.apply(x, weight, bias)
@@ -499,9 +528,9 @@ def _group_norm_args(op, x, num_groups, weight, bias):
     bias = _affine(bias, "bias", (channels,), op)
     # the kernels take both or neither
     if bias is not None and weight is None:
-        weight = as_tensor(np.ones(channels), like=x)
+        weight = constant_like(np.ones(channels), like=x)
     if weight is not None and bias is None:
-        bias = as_tensor(np.zeros(channels), like=x)
+        bias = constant_like(np.zeros(channels), like=x)
     return x, weight, bias
 
 
@@ -577,14 +606,14 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale=None) -> Tensor:
     last = scores.ndim - 1
     if mask is None:
         return matmul(attention.Softmax.apply(scores, axis=last, scale=scale), v)
-    mask = as_tensor(mask, like=scores)
+    mask = constant_like(mask, like=scores)
     if mask.dtype == np.bool_ and scale > 0:
         # -inf stays -inf under a positive scale, so the scale can stay fused in the softmax
-        scores = masked_fill(scores, Tensor._wrap(~mask.data), -np.inf)
+        scores = masked_fill(scores, _result(~mask.data, scores), -np.inf)
         return matmul(attention.Softmax.apply(scores, axis=last, scale=scale), v)
     scores = scores * scale
     if mask.dtype == np.bool_:
-        scores = masked_fill(scores, Tensor._wrap(~mask.data), -np.inf)
+        scores = masked_fill(scores, _result(~mask.data, scores), -np.inf)
     else:
         scores = add(scores, mask)
     return matmul(attention.Softmax.apply(scores, axis=last, scale=1.0), v)
@@ -607,14 +636,14 @@ def dropout(x, p=0.5, training=True, generator=None) -> Tensor:
         return x * 0.0
     rng = generator if hasattr(generator, "random") else np.random.default_rng(generator)
     keep = _move_array(rng.random(x.shape) >= p, x.device)  # same mask on every device
-    return x * Tensor._wrap((keep / (1.0 - p)).astype(x.dtype))
+    return x * _result((keep / (1.0 - p)).astype(x.dtype), x)
 
 
 def embedding(indices, weight) -> Tensor:
     """Rows of ``weight`` (num_embeddings, dim) picked by integer ``indices``."""
     weight = _float_tensor(weight, "embedding", "weight")
     _check_ndim(weight, 2, "embedding", "weight", "(num_embeddings, dim)")
-    idx = indices.data if isinstance(indices, Tensor) else np.asarray(indices)
+    idx = indices.data if isinstance(indices, Variable) else np.asarray(indices)
     if idx.dtype.kind not in "iu":
         raise TypeError(f"embedding: indices must be integers, got dtype {idx.dtype}")
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= weight.shape[0]):
@@ -622,7 +651,7 @@ def embedding(indices, weight) -> Tensor:
             f"embedding: indices must lie in [0, {weight.shape[0]}), got values from "
             f"{int(idx.min())} to {int(idx.max())}"
         )
-    return getitem(weight, Tensor._wrap(idx))
+    return getitem(weight, _result(idx, weight))
 
 
 # -- losses --------------------------------------------------------------------------------
@@ -645,11 +674,14 @@ def mse_loss(input, target, reduction="mean") -> Tensor:  # noqa: A002
     input = _float_tensor(input, "mse_loss", "input")
     target = (
         _float_tensor(target, "mse_loss", "target")
-        if isinstance(target, Tensor)
-        else as_tensor(target, like=input)
+        if isinstance(target, Variable)
+        else constant_like(target, like=input)
     )
     if input.shape != target.shape:
         raise ValueError(f"mse_loss: input {input.shape} and target {target.shape} differ in shape")
+    if reduction == "mean" and input.dtype == target.dtype:
+        # one fused kernel pass each way instead of three temporaries (the same function)
+        return loss.MSELoss.apply(input, target)
     diff = input - target
     return _reduce(diff * diff, reduction, "mse_loss")
 
@@ -659,7 +691,7 @@ def cross_entropy(logits, target, reduction="mean") -> Tensor:
     op = "cross_entropy"
     logits = _float_tensor(logits, op, "logits")
     _check_ndim(logits, 2, op, "logits", "(N, C)")
-    labels = target.data if isinstance(target, Tensor) else np.asarray(target)
+    labels = target.data if isinstance(target, Variable) else np.asarray(target)
     if labels.dtype.kind not in "iu":
         raise TypeError(f"{op}: target must hold integer class indices, got dtype {labels.dtype}")
     if labels.shape != logits.shape[:1]:

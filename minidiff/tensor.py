@@ -1,65 +1,35 @@
-"""The Tensor: an array, its gradient, and the Function that made it.
+"""The Tensor: a graph Variable with Python's operators, and the functions that make one.
 
-Tensor is thin on purpose: arithmetic and methods forward to
-``minidiff.functional``, where each op is defined once.
+Tensor is thin on purpose: arithmetic and methods forward to ``minidiff.functional``, where
+each op is defined once (functional works on Variables and never imports this module).
 """
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
-from .autograd import run_backward
+from . import functional as F
+from .autograd import Variable
 from .backend import DEFAULT_DTYPE, Device, as_float_dtype, device_of, is_device_spec, to_device
 
 
-class Tensor:
+class Tensor(Variable):
     """An n-dimensional array that can record the ops applied to it.
 
     Attributes: ``data`` (numpy or cupy ndarray), ``grad`` (ndarray of the same
     shape after ``backward()``, else None), ``requires_grad``. Make one with
-    :func:`minidiff.tensor`.
+    :func:`minidiff.tensor` (a copy), or ``Tensor.from_array(array)`` (no copy).
+    The graph half (``backward``, ``detach``, ``shape``, ``device``, ...) is
+    :class:`minidiff.autograd.Variable`'s.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
+    __slots__ = ()
     __array_priority__ = 1000  # numpy scalars/arrays on the left defer to Tensor
 
     def __init__(self, data, requires_grad=False, dtype=None, device=None):
         t = tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
         self.data, self.grad, self.requires_grad, self._ctx = t.data, None, t.requires_grad, None
-
-    @classmethod
-    def _wrap(cls, data, requires_grad=False):
-        """A Tensor around an existing array: no copy, no checks (internal)."""
-        t = cls.__new__(cls)
-        t.data, t.grad, t.requires_grad, t._ctx = data, None, requires_grad, None
-        return t
-
-    # -- facts -------------------------------------------------------------
-    @property
-    def shape(self) -> tuple:
-        return self.data.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.data.dtype
-
-    @property
-    def device(self) -> Device:
-        return device_of(self.data)
-
-    @property
-    def ndim(self) -> int:
-        return self.data.ndim
-
-    @property
-    def size(self) -> int:
-        return self.data.size
-
-    @property
-    def is_leaf(self) -> bool:
-        return self._ctx is None
 
     def __len__(self):
         if self.ndim == 0:
@@ -71,48 +41,6 @@ class Tensor:
         grad = ", requires_grad=True" if self.requires_grad else ""
         body = np.array2string(self.numpy(), separator=", ", prefix="tensor(")
         return f"tensor({body}, dtype={self.dtype}{extra}{grad})"
-
-    # -- autograd ----------------------------------------------------------
-    def backward(self, grad=None, retain_graph=False):
-        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
-
-        ``grad`` is the gradient flowing into ``self``; it may be left out only
-        when ``self`` holds a single element (a loss).
-        """
-        if not self.requires_grad:
-            raise RuntimeError(
-                "backward() on a tensor that does not require grad: no input of the ops "
-                "that made it has requires_grad=True (or it was made under no_grad())"
-            )
-        xp = self.device.xp
-        if grad is None:
-            if self.size != 1:
-                raise RuntimeError(
-                    f"backward() without a gradient needs a single-element tensor, got shape "
-                    f"{self.shape}; pass grad= of that shape, or reduce first (e.g. .sum())"
-                )
-            grad = xp.ones(self.shape, dtype=self.dtype)
-        else:
-            grad = grad.data if isinstance(grad, Tensor) else grad
-            grad = xp.asarray(grad, dtype=self.dtype)
-            if grad.shape != self.shape:
-                raise ValueError(
-                    f"backward(): grad has shape {grad.shape} but the tensor has shape {self.shape}"
-                )
-        run_backward(self, grad, retain_graph=retain_graph)
-
-    def detach(self) -> Tensor:
-        """The same data, cut from the graph."""
-        return Tensor._wrap(self.data)
-
-    def requires_grad_(self, flag: bool = True) -> Tensor:
-        if flag and self.dtype.kind != "f":
-            raise TypeError(f"only floating-point tensors can require grad, not {self.dtype}")
-        self.requires_grad = flag
-        return self
-
-    def zero_grad(self):
-        self.grad = None
 
     # -- conversion ---------------------------------------------------------
     def numpy(self) -> np.ndarray:
@@ -333,7 +261,7 @@ def tensor(data, requires_grad=False, dtype=None, device=None) -> Tensor:
     array = xp.array(data, dtype=dtype, copy=True)
     if requires_grad and array.dtype.kind != "f":
         raise TypeError(f"tensor(): only floating-point tensors can require grad, not {array.dtype}")
-    return Tensor._wrap(array, requires_grad=bool(requires_grad))
+    return Tensor.from_array(array, requires_grad=bool(requires_grad))
 
 
 def as_tensor(value, like: Tensor | None = None) -> Tensor:
@@ -341,15 +269,7 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
     constants with ``like``'s dtype (when floating) and device."""
     if isinstance(value, Tensor):
         return value
-    if like is None:
-        return tensor(value)
-    xp = like.device.xp
-    if isinstance(value, numbers.Number) or hasattr(value, "__array__") or isinstance(value, (list, tuple)):
-        array = xp.asarray(value)
-        if like.dtype.kind == "f" and array.dtype.kind in "fiu":  # booleans stay masks
-            array = array.astype(like.dtype, copy=False)
-        return Tensor._wrap(array)
-    raise TypeError(f"cannot use a {type(value).__name__} as a tensor")
+    return tensor(value) if like is None else F.constant_like(value, like)
 
 
 def zeros(*shape, dtype=None, device="cpu", requires_grad=False) -> Tensor:
@@ -374,6 +294,3 @@ def randn(*shape, generator=None, dtype=None, device="cpu", requires_grad=False)
     dtype = np.dtype(dtype or DEFAULT_DTYPE)
     data = rng.standard_normal(shape, dtype=dtype)
     return tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
-
-
-from . import functional as F  # noqa: E402  (functional needs Tensor, defined above)

@@ -120,7 +120,7 @@ def leaf(array, requires_grad=True) -> Tensor:
     array = np.asarray(array)
     if array.dtype != np.float64:
         raise TypeError(f"leaf(): expected a float64 array, got {array.dtype}")
-    return Tensor._wrap(array, requires_grad=requires_grad)
+    return Tensor.from_array(array, requires_grad=requires_grad)
 
 
 @st.composite

@@ -483,3 +483,35 @@ def test_device_of_cpu_tensor():
     x = md.tensor([1.0])
     assert x.device == "cpu"
     assert str(x.device) == "cpu"
+
+
+# -- what functional makes, and of which class --------------------------------------------------
+
+
+def test_op_outputs_have_the_class_of_their_inputs():
+    class Traced(md.Tensor):
+        __slots__ = ()
+
+    x = Traced.from_array(np.ones((2, 3), np.float32), requires_grad=True)
+    y = F.exp(x) * 2.0 + x
+    assert type(y) is Traced and type(y.detach()) is Traced
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad, 2 * np.e + 1, rtol=1e-6)
+
+
+def test_constant_like_follows_the_tensors_dtype_and_class():
+    like = md.tensor(np.zeros(3), dtype=np.float64)
+    c = F.constant_like([1, 2, 3], like)
+    assert type(c) is md.Tensor and c.dtype == np.float64 and not c.requires_grad
+    assert F.constant_like(np.array([True, False]), like).dtype == np.bool_  # masks stay boolean
+    assert F.constant_like(like, md.tensor([1.0])) is like
+    with pytest.raises(TypeError, match="cannot use a dict as a tensor"):
+        F.constant_like({}, like)
+
+
+def test_functional_asks_for_a_tensor_where_none_is_given():
+    with pytest.raises(TypeError, match=r"exp: x must be a Tensor, got list \(make one with minidiff.tensor"):
+        F.exp([1.0, 2.0])
+    with pytest.raises(TypeError, match="add: at least one operand must be a Tensor"):
+        F.add(1.0, np.ones(2))
+    assert np.array_equal(F.add(1.0, md.tensor([1.0, 2.0])).numpy(), [2.0, 3.0])

@@ -531,8 +531,8 @@ def test_load_model_returns_the_ema_or_the_training_weights(tmp_path):
     loaded_model, _, _ = load_model(tmp_path)
     from minidiff.tensor import Tensor
 
-    a = loaded_model(Tensor._wrap(x), t, y).data
-    b = trainer.ema_model()(Tensor._wrap(x), t, y).data
+    a = loaded_model(Tensor.from_array(x), t, y).data
+    b = trainer.ema_model()(Tensor.from_array(x), t, y).data
     assert np.array_equal(a, b)
 
 

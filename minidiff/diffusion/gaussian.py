@@ -17,7 +17,6 @@ from .. import functional as F
 from .. import kernels
 from ..autograd import no_grad
 from ..backend import get_array_module, to_device
-from ..ops.loss import MSELoss
 from ..tensor import Tensor
 from .schedule import make_betas
 
@@ -150,12 +149,12 @@ class GaussianDiffusion:
         if noise is None:
             noise = xp.asarray(rng.standard_normal(data.shape, dtype=np.float32).astype(data.dtype))
         x_t = self.q_sample(data, t, noise)
-        out = model(Tensor._wrap(x_t), t, y) if y is not None else model(Tensor._wrap(x_t), t)
-        target = Tensor._wrap(self.target(data, noise, t))
+        out = model(Tensor.from_array(x_t), t, y) if y is not None else model(Tensor.from_array(x_t), t)
+        target = Tensor.from_array(self.target(data, noise, t))
         if self.min_snr_gamma is None:
-            return _mse_loss(out, target)
+            return F.mse_loss(out, target)
         weights = xp.asarray(self.loss_weights(t), dtype=data.dtype).reshape((-1,) + (1,) * (data.ndim - 1))
-        return F.mean(F.mse_loss(out, target, reduction="none") * Tensor._wrap(weights))
+        return F.mean(F.mse_loss(out, target, reduction="none") * Tensor.from_array(weights))
 
     # -- the variational bound ----------------------------------------------------------
     @no_grad()
@@ -189,7 +188,7 @@ class GaussianDiffusion:
             noise = rng.standard_normal(data.shape)
             x_t = self.q_sample(x0_host, t, noise)
             x_t_dev = xp.asarray(x_t.astype(data.dtype))
-            out = model(Tensor._wrap(x_t_dev), t, y) if y is not None else model(Tensor._wrap(x_t_dev), t)
+            out = model(Tensor.from_array(x_t_dev), t, y) if y is not None else model(Tensor.from_array(x_t_dev), t)
             out = np.asarray(to_device(out.data, "cpu"), dtype=np.float64)
             _, x0_pred = self.split_prediction(out, x_t, t)
             if clip_denoised:
@@ -219,15 +218,6 @@ class GaussianDiffusion:
             "terms": terms * to_bits,
             "decoder": decoder * to_bits,
         }
-
-
-def _mse_loss(out, target) -> Tensor:
-    """F.mse_loss(out, target), fused into one kernel pass each way (MSELoss) when ``out`` is a
-    Tensor of the target's shape and dtype; anything else goes to F.mse_loss, which converts it
-    or raises as it always did."""
-    if isinstance(out, Tensor) and out.shape == target.shape and out.dtype == target.dtype:
-        return MSELoss.apply(out, target)
-    return F.mse_loss(out, target)
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):

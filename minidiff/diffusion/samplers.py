@@ -30,15 +30,15 @@ def model_output(model, diffusion: GaussianDiffusion, x_t, t, y=None, guidance=N
     guidance = 1 is plain conditional sampling; larger values follow the class harder."""
     n = x_t.shape[0]
     if y is None:
-        return model(Tensor._wrap(x_t), t).data
+        return model(Tensor.from_array(x_t), t).data
     labels = np.asarray(y)
     if guidance is None:
-        return model(Tensor._wrap(x_t), t, labels).data
+        return model(Tensor.from_array(x_t), t, labels).data
     if null_class is None:
         raise ValueError("guidance needs the model's null class (its num_classes)")
     xp = get_array_module(x_t)
     both = model(
-        Tensor._wrap(xp.concatenate([x_t, x_t])),
+        Tensor.from_array(xp.concatenate([x_t, x_t])),
         np.concatenate([t, t]),
         np.concatenate([labels, np.full(n, null_class)]),
     ).data

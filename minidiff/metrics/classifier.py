@@ -85,7 +85,7 @@ def train_classifier(
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            loss = F.cross_entropy(model(Tensor._wrap(images[idx])), labels[idx])
+            loss = F.cross_entropy(model(Tensor.from_array(images[idx])), labels[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -104,7 +104,7 @@ def features_and_probs(model: FeatureClassifier, images, batch_size=256):
     feats, probs = [], []
     images = np.asarray(images, dtype=np.float32)
     for start in range(0, len(images), batch_size):
-        f = model.features(Tensor._wrap(images[start : start + batch_size]))
+        f = model.features(Tensor.from_array(images[start : start + batch_size]))
         feats.append(f.data.astype(np.float64))
         probs.append(F.softmax(model.head(f), axis=1).data.astype(np.float64))
     return np.concatenate(feats), np.concatenate(probs)

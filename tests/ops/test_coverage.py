@@ -10,6 +10,7 @@ import minidiff.functional as F
 
 # Public functions of minidiff.functional that are not ops with a gradient and a formula to check.
 NOT_OPS = {
+    "constant_like": "makes a constant operand, no op (tests/test_autograd.py checks it)",
     "shape_op": "a helper that applies a shape Function (covered through every shape op)",
     "to_device": "needs a second device; tests/ops/test_elementwise.py checks the CPU round trip",
 }
