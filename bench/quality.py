@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from minidiff.evaluate import sample_quality_report
+from minidiff.train.evaluate import sample_quality_report
 from minidiff.train import TrainConfig, Trainer
 
 MIN_CONFIDENCE = 0.9

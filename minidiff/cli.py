@@ -162,7 +162,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from minidiff.evaluate import bits_per_dim_report, sample_quality_report
+    from minidiff.train.evaluate import bits_per_dim_report, sample_quality_report
 
     if args.metric == "bpd":
         r = bits_per_dim_report(args.checkpoint, num=args.num, timesteps=args.timesteps, seed=args.seed)

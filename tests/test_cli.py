@@ -391,10 +391,10 @@ def test_eval_fid(run, capsys, monkeypatch, private_cache):
 
     # wherever the eval command takes train_classifier from
     monkeypatch.setattr(minidiff.metrics, "train_classifier", one_epoch)
-    evaluate = sys.modules.get("minidiff.evaluate")
+    evaluate = sys.modules.get("minidiff.train.evaluate")
     if evaluate is None:
         try:
-            import minidiff.evaluate as evaluate
+            import minidiff.train.evaluate as evaluate
         except ImportError:
             evaluate = None
     if evaluate is not None and hasattr(evaluate, "train_classifier"):

@@ -206,7 +206,7 @@ def test_failure_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path,
     save(root, 1)
     save(root, 2)
     before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-    real_save_file = io.save_file
+    real_save_file = io.checkpoint.save_file
     calls = []
 
     def failing_save_file(tensors, filename, *args, **kwargs):
@@ -215,7 +215,7 @@ def test_failure_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path,
             raise Boom("disk full")
         return real_save_file(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(io, "save_file", failing_save_file)
+    monkeypatch.setattr(io.checkpoint, "save_file", failing_save_file)
     with pytest.raises(Boom):
         save(root, 3)
     assert len(calls) == 2
@@ -227,7 +227,7 @@ def test_failure_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path,
     _, state, _ = load_checkpoint(root)
     assert state["step"] == 2
 
-    monkeypatch.setattr(io, "save_file", real_save_file)
+    monkeypatch.setattr(io.checkpoint, "save_file", real_save_file)
     save(root, 3)  # and the next save works normally
     assert latest_name(root) == "step-00000003"
 
@@ -247,7 +247,7 @@ def test_failed_overwrite_of_the_same_name_keeps_the_old_contents(tmp_path, monk
     def failing_save_file(*args, **kwargs):
         raise Boom("io error")
 
-    monkeypatch.setattr(io, "save_file", failing_save_file)
+    monkeypatch.setattr(io.checkpoint, "save_file", failing_save_file)
     with pytest.raises(Boom):
         save_checkpoint(tmp_path, "step-00000001", arrays_for(9), state_for(9))
     _, state, _ = load_checkpoint(tmp_path)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from minidiff import io
-from minidiff.plot import plot_loss
+from minidiff.train.plot import plot_loss
 from minidiff.train import ModelConfig, TrainConfig, Trainer, TrainingDiverged, load_model
 
 TINY = {

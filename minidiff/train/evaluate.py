@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .diffusion import ddim_sample
-from .metrics import features_and_probs, fid_from_features, train_classifier
-from .train import TrainConfig, load_model, load_split
+from ..diffusion import ddim_sample
+from ..metrics import features_and_probs, fid_from_features, train_classifier
+from .ddpm import TrainConfig, load_model, load_split
 
 
 def _reference_images(config: TrainConfig):

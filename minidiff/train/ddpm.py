@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
-from .data import BatchIterator, load_dataset, save_grid
-from .diffusion import GaussianDiffusion, ddim_sample
-from .models import UNet
-from .nn.layers import Dropout
-from .optim import EMA, AdamW, clip_grad_norm, warmup_lr
+from .. import io
+from ..data import BatchIterator, load_dataset, save_grid
+from ..diffusion import GaussianDiffusion, ddim_sample
+from ..models import UNet
+from ..nn.layers import Dropout
+from ..optim import EMA, AdamW, clip_grad_norm, warmup_lr
 from .plot import plot_loss
 
 
