@@ -171,7 +171,7 @@ def main(argv=None) -> int:
 
 def unet_step(args, xp, sync, median_ms) -> dict:
     """The bench/unet.py model on the GPU: minidiff, then PyTorch eager when it has CUDA."""
-    from minidiff.unet_benchmark import make_steps, unet_config
+    from minidiff.bench.unet import make_steps, unet_config
 
     cfg = unet_config()
     if args.simulate:  # a toy model; the simulator has no CuPy, so it runs on NumPy arrays

@@ -1,6 +1,6 @@
 """Every kernel op and implementation against the reference and PyTorch, with the machine's ceilings.
 
-The logic lives in minidiff/benchmark.py (also run by ``minidiff bench``); this script writes
+The logic lives in minidiff/bench/kernels.py (also run by ``minidiff bench``); this script writes
 its JSON beside itself:
 
     python bench/kernels.py                       # every op, 2-3 U-Net shapes each
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from minidiff.benchmark import main
+from minidiff.bench.kernels import main
 
 if __name__ == "__main__":
     sys.exit(

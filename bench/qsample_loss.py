@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from minidiff import kernels
-from minidiff.benchmark import median_seconds
+from minidiff.bench import median_seconds
 
 SHAPES = [(64, 1, 16, 16), (32, 3, 32, 32), (128, 3, 32, 32)]
 REPEATS = 15

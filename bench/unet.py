@@ -1,6 +1,6 @@
 """The U-Net training step and sampling forward pass: minidiff against PyTorch, side by side.
 
-The logic lives in minidiff/unet_benchmark.py (also run by ``minidiff bench --unet``); this
+The logic lives in minidiff/bench/unet.py (also run by ``minidiff bench --unet``); this
 script writes its JSON beside itself:
 
     python bench/unet.py                     # UNet(1, 32, (1,2,2), 1, (8,), 32, norm_groups=8), batch 32
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from minidiff.unet_benchmark import main
+from minidiff.bench.unet import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="bench/unet.py", default_json=str(Path(__file__).resolve().parent / "unet.json")))

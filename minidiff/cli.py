@@ -184,7 +184,7 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.unet:
-        from minidiff import unet_benchmark
+        from minidiff.bench import unet
 
         kernel_only = [name for name, given in (("--ops", args.ops), ("--quick", args.quick)) if given]
         kernel_only += ["--shapes"] if args.shapes != "full" else []
@@ -193,12 +193,12 @@ def cmd_bench(args) -> int:
             return 2
 
         try:
-            return unet_benchmark.run_from_args(args)
+            return unet.run_from_args(args)
         except RuntimeError as exc:  # no PyTorch, or a failed measurement process
             print(f"minidiff bench --unet: {exc}", file=sys.stderr)
             return 1
-    from minidiff import benchmark
-    from minidiff.unet_benchmark import OPTION_DEFAULTS
+    from minidiff.bench import kernels
+    from minidiff.bench.unet import OPTION_DEFAULTS
 
     unet_only = [f"--{k.replace('_', '-')}" for k, v in OPTION_DEFAULTS.items() if getattr(args, k) != v]
     if unet_only:
@@ -206,11 +206,11 @@ def cmd_bench(args) -> int:
         return 2
     if args.json is None:
         args.json = "minidiff-bench.json"
-    return benchmark.run_from_args(args)
+    return kernels.run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minidiff.benchmark import positive_int
+    from minidiff.bench import positive_int
 
     parser = argparse.ArgumentParser(
         prog="minidiff",
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=cmd_eval)
 
-    from minidiff.benchmark import add_arguments as add_bench_arguments
-    from minidiff.unet_benchmark import add_arguments as add_unet_bench_arguments
+    from minidiff.bench.kernels import add_arguments as add_bench_arguments
+    from minidiff.bench.unet import add_arguments as add_unet_bench_arguments
 
     bench = commands.add_parser(
         "bench",

@@ -1,4 +1,4 @@
-"""The kernel benchmark (minidiff.benchmark, bench/kernels.py, ``minidiff bench``).
+"""The kernel benchmark (minidiff.bench.kernels, bench/kernels.py, ``minidiff bench``).
 
 Runs use ``--shapes tiny`` (smoke-test shapes, an 8 MiB copy): these tests check what the
 benchmark produces, never how fast anything is."""
@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from minidiff import benchmark, kernels
+from minidiff import kernels
+from minidiff.bench import kernels as benchmark
 from minidiff.cli import main as cli_main
 
 ROW_KEYS = {
@@ -119,11 +120,11 @@ def test_cli_bench_runs(tmp_path):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, minidiff.benchmark; assert 'torch' not in sys.modules"
+    code = "import sys, minidiff.bench.kernels; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# -- the U-Net benchmark (minidiff.unet_benchmark, bench/unet.py, ``minidiff bench --unet``) --------
+# -- the U-Net benchmark (minidiff.bench.unet, bench/unet.py, ``minidiff bench --unet``) -----------
 
 TINY_UNET = [
     "--batch",
@@ -164,11 +165,11 @@ def test_cli_bench_options_of_the_other_mode_are_refused(capsys):
 
 
 def test_cli_bench_unet_without_torch_says_so(monkeypatch, capsys):
-    from minidiff import unet_benchmark
+    from minidiff.bench import unet
 
-    real_find_spec = unet_benchmark.importlib.util.find_spec
+    real_find_spec = unet.importlib.util.find_spec
     monkeypatch.setattr(
-        unet_benchmark.importlib.util,
+        unet.importlib.util,
         "find_spec",
         lambda name: None if name == "torch" else real_find_spec(name),
     )
@@ -177,5 +178,5 @@ def test_cli_bench_unet_without_torch_says_so(monkeypatch, capsys):
 
 
 def test_unet_benchmark_module_does_not_import_torch():
-    code = "import sys, minidiff.unet_benchmark, minidiff.cli; assert 'torch' not in sys.modules"
+    code = "import sys, minidiff.bench.unet, minidiff.cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

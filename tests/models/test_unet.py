@@ -1,4 +1,4 @@
-"""The DDPM U-Net against an independent PyTorch implementation (minidiff/torch_unet.py).
+"""The DDPM U-Net against an independent PyTorch implementation (minidiff/testing/torch_unet.py).
 
 Every parameter of both models is set to the same random values (the zero-initialized layers
 included: with conv_out at zero the output would be trivially 0), then the forward output and
@@ -19,7 +19,7 @@ from minidiff.testing import tolerance
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
-from minidiff.torch_unet import TorchUNet, sinusoidal_embedding  # noqa: E402  (needs torch)
+from minidiff.testing.torch_unet import TorchUNet, sinusoidal_embedding  # noqa: E402  (needs torch)
 
 REL = tolerance(np.float32)["rtol"]  # 1e-4
 

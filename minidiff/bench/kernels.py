@@ -643,7 +643,7 @@ def run(ops=None, *, repeats=None, quick=False, shapes="full", progress=None) ->
             impls = kernels.implementations(op)
             impls = {k: impls[k] for k in sorted(impls, key=_impl_rank)}
             if op not in FACTORIES:
-                note = "no factory: add one to FACTORIES in minidiff/benchmark.py"
+                note = "no factory: add one to FACTORIES in minidiff/bench/kernels.py"
                 rows.append(_row(op, "-", ", ".join(impls), note=note))
                 continue
             make, specs = FACTORIES[op]

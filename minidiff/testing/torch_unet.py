@@ -1,5 +1,5 @@
 """A PyTorch reference of the DDPM U-Net (Ho et al. 2020, Appendix B): the oracle of the U-Net's
-tests and the other side of the U-Net benchmark (minidiff.unet_benchmark). Needs PyTorch, which
+tests and the other side of the U-Net benchmark (minidiff.bench.unet). Needs PyTorch, which
 minidiff itself does not: import this module only where torch is installed.
 
 Written from the paper's description, not from minidiff/models/unet.py:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autograd import no_grad
-from .tensor import Tensor
+from ..autograd import no_grad
+from ..tensor import Tensor
 
 # One table for every comparison in the test suite.
 #   "gradcheck": analytic vs central-difference gradients, in float64;

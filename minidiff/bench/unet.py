@@ -3,7 +3,7 @@
     python bench/unet.py                     # or, without the repository: minidiff bench --unet
     python bench/unet.py --batch 64 --image-size 16 --mults 1 2
 
-The same architecture on both sides (minidiff.torch_unet, written independently; parameter
+The same architecture on both sides (minidiff.testing.torch_unet, written independently; parameter
 counts are checked equal), the same batch: the median of repeated runs after warm-up, and the
 ratio minidiff / PyTorch (below 1 means minidiff is faster). Each framework runs in a fresh
 subprocess, which also gives its peak resident memory during training. Both subprocesses import
@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from minidiff.benchmark import median_seconds, positive_int, write_report
+from .kernels import median_seconds, positive_int, write_report
 
 REPEATS = 5  # timed runs per measurement, by default
 
@@ -83,7 +83,7 @@ def make_steps(framework, cfg, batch, seed=0, device="cpu"):
 
     import torch
 
-    from minidiff.torch_unet import TorchUNet
+    from minidiff.testing.torch_unet import TorchUNet
 
     model = TorchUNet(**cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -121,9 +121,14 @@ def measure(framework, cfg, batch, repeats) -> dict:
     return result
 
 
+# -c, not -m minidiff.bench.unet: -m would run this module a second time beside the copy its
+# package imports.
+WORKER = "import sys; from minidiff.bench.unet import main; sys.exit(main())"
+
+
 def measure_in_subprocess(framework, cfg, batch, repeats) -> dict:
     """Each framework in a fresh process: its own threads, its own peak memory."""
-    command = [sys.executable, "-m", "minidiff.unet_benchmark", "--worker", framework]
+    command = [sys.executable, "-c", WORKER, "--worker", framework]
     out = subprocess.run(
         [*command, "--worker-args", json.dumps([cfg, batch, repeats])], capture_output=True, text=True
     )
@@ -250,7 +255,3 @@ def main(argv=None, *, prog=None, default_json="minidiff-bench-unet.json") -> in
         return run_from_args(args, default_json)
     except RuntimeError as exc:
         parser.exit(1, f"{parser.prog}: {exc}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Tools for checking ops: numerical gradient checks and the tolerance table.
+
+Use ``gradcheck`` on any op you add::
+
+    x = minidiff.tensor(np.random.randn(3, 4), dtype="float64", requires_grad=True)
+    assert gradcheck(lambda t: my_op(t), x)
+
+``minidiff.testing.torch_unet`` (the U-Net written independently in PyTorch) needs PyTorch and is
+imported only by name.
+"""
+
+from .gradcheck import TOLERANCES, GradcheckError, gradcheck, tolerance
+
+__all__ = ["TOLERANCES", "GradcheckError", "gradcheck", "tolerance"]
