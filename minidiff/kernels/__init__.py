@@ -16,13 +16,12 @@ the first array (NumPy: a CPU version; CuPy: the CUDA version) and the user's ch
 
 # importing the family files registers their implementations
 from . import attention, conv, diffusion, norm, optim  # noqa: F401
+
+# conv.py's dispatchers, and the convolution's forward and backward, which choose the strategy
+# (direct kernels, a matrix product for 1x1, or im2col and matrix products)
+from .conv import col2im, conv2d, conv2d_backward, conv2d_forward, conv2d_weight_grad, im2col
 from .registry import IMPLEMENTATIONS, available, current, dispatcher, implementations, register, use, which
 
-# conv.py
-im2col = dispatcher("im2col")
-col2im = dispatcher("col2im")
-conv2d = dispatcher("conv2d")
-conv2d_weight_grad = dispatcher("conv2d_weight_grad")
 # norm.py
 group_norm_forward = dispatcher("group_norm_forward")
 group_norm_backward = dispatcher("group_norm_backward")
@@ -53,6 +52,8 @@ __all__ = [
     "col2im",
     "conv2d",
     "conv2d_weight_grad",
+    "conv2d_forward",
+    "conv2d_backward",
     "group_norm_forward",
     "group_norm_backward",
     "group_norm_silu_forward",

@@ -467,3 +467,35 @@ def test_native_extension_never_casts_or_copies_silently():
         _native.conv2d_direct_weight_grad(x.astype(np.float64), gy.astype(np.float64), 3, 3, 1, 1)
     with pytest.raises(ValueError, match="spatial shape"):
         _native.conv2d_direct_weight_grad(x, gy, 3, 3, 0, 0)
+
+
+@pytest.mark.parametrize("choice", ["auto", *CPU_IMPLEMENTATIONS])
+@settings(deadline=None)
+@given(
+    case=conv_cases(),
+    out_channels=st.sampled_from([1, 2, 5]),
+    needs=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+)
+def test_conv2d_forward_and_backward_match_their_definitions(choice, case, out_channels, needs):
+    """Whatever strategy conv2d_forward / conv2d_backward pick for the geometry and the selected
+    kernels (direct, a matrix product for 1x1, im2col a chunk at a time, gx as a convolution of
+    gy), they give the definition's numbers, and only the gradients asked for."""
+    ok, why = kernels.available().get(choice, (True, None))
+    if not ok:
+        pytest.skip(str(why))
+    x, kh, kw, stride, padding, rng = case
+    weight = rng.standard_normal((out_channels, x.shape[1], kh, kw)).astype(x.dtype)
+    bias = rng.standard_normal(out_channels).astype(x.dtype)
+    Ho, Wo = out_size(x.shape, kh, kw, stride, padding)
+    gy = rng.standard_normal((x.shape[0], out_channels, Ho, Wo)).astype(x.dtype)
+    with kernels.use(choice):
+        y = kernels.conv2d_forward(x, weight, bias, stride, padding)
+        grads = kernels.conv2d_backward(gy, x, weight, stride, padding, needs)
+    expected_y = kernels.conv.conv2d_reference(x, weight, stride, padding, bias)
+    np.testing.assert_allclose(y, expected_y, **TOL[x.dtype.type])
+    expected = kernels.conv.conv2d_backward_reference(gy, x, weight, stride, padding, needs)
+    for name, got, want, needed in zip(("gx", "gweight", "gbias"), grads, expected, needs):
+        assert (got is None) == (not needed), name
+        if needed:
+            assert got.shape == want.shape and got.dtype == x.dtype, name
+            np.testing.assert_allclose(got, want, **TOL[x.dtype.type], err_msg=name)

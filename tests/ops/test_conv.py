@@ -11,7 +11,8 @@ from strategies import arrays, leaf
 import minidiff as md
 import minidiff.functional as F
 from minidiff import kernels
-from minidiff.ops import conv as conv_ops
+from minidiff.kernels import conv as conv_kernels
+from minidiff.kernels import machine
 from minidiff.testing import gradcheck, tolerance
 
 DTYPES = [np.float32, np.float64]
@@ -128,8 +129,8 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
         return out.numpy(), tx.grad, tw.grad, tb.grad
 
     whole = run()
-    monkeypatch.setattr(conv_ops, "COLS_CHUNK_BYTES", chunk_bytes)
-    chunks = conv_ops.Conv2d._chunks(x, 2 * k * k * 8)
+    monkeypatch.setattr(conv_kernels, "COLS_CHUNK_BYTES", chunk_bytes)
+    chunks = conv_kernels.chunks(x, 2 * k * k * 8)
     assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == 5
     chunked = run()
     expected = ref_conv2d(x, w, b, (stride,) * 2, (padding,) * 2)
@@ -140,7 +141,7 @@ def test_conv2d_unfolds_the_batch_in_chunks(monkeypatch, chunk_bytes, stride, pa
 
 
 @pytest.mark.skipif(
-    kernels.which("conv2d") != "native" or not conv_ops._DIRECT_IS_VECTORIZED,
+    kernels.which("conv2d") != "native" or not machine.native_conv_is_vectorized,
     reason="the direct convolution needs the native kernels and a CPU with AVX2 or AVX-512",
 )
 @pytest.mark.parametrize(
@@ -183,10 +184,12 @@ def test_conv2d_direct_path_matches_unfolding(
         return out.numpy(), tx.grad, tw.grad, tb.grad
 
     calls, weight_grad_calls = [], []
-    direct, direct_weight_grad = kernels.conv2d, kernels.conv2d_weight_grad
-    monkeypatch.setattr(kernels, "conv2d", lambda *a: calls.append(a[1].shape) or direct(*a))
+    direct, direct_weight_grad = conv_kernels.conv2d, conv_kernels.conv2d_weight_grad
+    monkeypatch.setattr(conv_kernels, "conv2d", lambda *a: calls.append(a[1].shape) or direct(*a))
     monkeypatch.setattr(
-        kernels, "conv2d_weight_grad", lambda *a: weight_grad_calls.append(a[2:4]) or direct_weight_grad(*a)
+        conv_kernels,
+        "conv2d_weight_grad",
+        lambda *a: weight_grad_calls.append(a[2:4]) or direct_weight_grad(*a),
     )
     got = run()
     assert len(calls) == 1 + input_grad_calls  # forward, then the input gradient's phases
@@ -214,7 +217,7 @@ def direct_geometries(draw):
 
 
 @pytest.mark.skipif(
-    kernels.which("conv2d") != "native" or not conv_ops._DIRECT_IS_VECTORIZED,
+    kernels.which("conv2d") != "native" or not machine.native_conv_is_vectorized,
     reason="the direct convolution needs the native kernels and a CPU with AVX2 or AVX-512",
 )
 @given(geometry=direct_geometries(), seed=st.integers(0, 2**16))
