@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from minidiff import kernels
+from minidiff.bench import harness
 from minidiff.bench import kernels as benchmark
 from minidiff.cli import main as cli_main
 
@@ -40,7 +41,7 @@ def tiny_run(tmp_path, *ops):
 
 
 def test_ceilings_are_positive():
-    c = benchmark.measure_ceilings(*benchmark.CEILING_RUNS["tiny"])
+    c = harness.measure_ceilings(*benchmark.CEILING_RUNS["tiny"])
     assert c["gemm_gflops"] > 0 and math.isfinite(c["gemm_gflops"])
     assert c["copy_gbs"] > 0 and math.isfinite(c["copy_gbs"])
 
@@ -74,7 +75,7 @@ def test_every_factory_runs_every_implementation(tmp_path):
 
 
 def test_without_torch_the_column_says_na(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(benchmark, "_import_torch", lambda: None)
+    monkeypatch.setattr(benchmark, "import_torch", lambda: None)
     report = tiny_run(tmp_path, "group_norm_forward")
     assert report["rows"] and all(r["impl"] != "torch" and r["vs_torch"] is None for r in report["rows"])
     table = capsys.readouterr().out.splitlines()
@@ -90,10 +91,10 @@ def test_an_op_without_factory_is_a_note(monkeypatch, tmp_path):
 
 def test_outputs_are_checked_against_the_reference():
     x = np.ones((4, 4), np.float32)
-    case = benchmark.Case("x(4,4)", (x,), bytes=2 * x.nbytes)
+    case = harness.Case("x(4,4)", (x,), bytes=2 * x.nbytes)
     impls = {"reference": lambda x: 2 * x, "numba": lambda x: 2 * x + 1, "native": lambda x: x[0, 5]}
     ceilings = {"gemm_gflops": 1.0, "copy_gbs": 1.0}
-    rows = benchmark.bench_case("double", case, impls, None, ceilings, repeats=1, warmup=0)
+    rows = harness.bench_case("double", case, impls, None, ceilings, repeats=1, warmup=0)
     ref, wrong, broken = rows
     assert ref["note"] == "" and ref["max_abs_diff"] is None
     assert wrong["note"].startswith("differs from the reference") and wrong["median_ms"] > 0
@@ -167,12 +168,7 @@ def test_cli_bench_options_of_the_other_mode_are_refused(capsys):
 def test_cli_bench_unet_without_torch_says_so(monkeypatch, capsys):
     from minidiff.bench import unet
 
-    real_find_spec = unet.importlib.util.find_spec
-    monkeypatch.setattr(
-        unet.importlib.util,
-        "find_spec",
-        lambda name: None if name == "torch" else real_find_spec(name),
-    )
+    monkeypatch.setattr(unet, "import_torch", lambda: None)
     assert cli_main(["bench", "--unet", *TINY_UNET]) == 1
     assert "compares against PyTorch, which is not installed" in capsys.readouterr().err
 

@@ -4,7 +4,7 @@ training step and sampling pass against the same model in PyTorch (``unet``). Ru
 while a benchmark runs.
 """
 
-from . import kernels, unet
-from .kernels import median_seconds, positive_int, write_report
+from . import harness, kernels, unet
+from .harness import median_seconds, positive_int, write_report
 
-__all__ = ["kernels", "unet", "median_seconds", "positive_int", "write_report"]
+__all__ = ["harness", "kernels", "unet", "median_seconds", "positive_int", "write_report"]

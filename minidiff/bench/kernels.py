@@ -28,19 +28,28 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
-import platform
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-F32 = 4  # bytes per element: every case runs in float32
+from .harness import (
+    F32,
+    Case,
+    bench_case,
+    error_note,
+    format_table,
+    import_torch,
+    machine,
+    make_row,
+    measure_ceilings,
+    parser,
+    positive_int,
+    torch_on_every_core,
+    write_report,
+)
+
 IMPL_ORDER = ("reference", "numba", "native")
 REPEATS = {"full": 10, "quick": 3}
 # Ceiling runs: (GEMM sizes, repeats per size, copy MiB, copy repeats). "tiny" is for tests only:
@@ -50,24 +59,9 @@ CEILING_RUNS = {
     "quick": ((1024, 2048), 3, 256, 3),
     "tiny": ((128,), 2, 8, 2),
 }
-# A kernel whose outputs differ from the reference's by more than this is flagged in the notes
-# (a sanity check only: tests/kernels holds the real tolerances).
-RTOL, ATOL = 1e-3, 1e-3
 
 
 # -- cases and their factories ---------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    """One workload of one op: what every implementation is called with, and what it moves."""
-
-    shape: str  # the label in the table, e.g. "x(64,32,16,16) k3 s1 p1"
-    args: tuple
-    kwargs: dict = field(default_factory=dict)
-    bytes: int = 0  # bytes read + written by one call (the minimum traffic), for GB/s
-    flops: int = 0  # floating-point operations of one call, for GEMM-like work (then GFLOP/s)
-    torch: Callable | None = None  # torch module -> zero-argument callable doing the same work
 
 
 FACTORIES: dict[str, tuple[Callable, dict[str, list]]] = {}
@@ -416,146 +410,7 @@ def _ema_update_case(rng, shape):
     return Case(f"p{_dims(shape)}", (shadow, param, DECAY), bytes=F32 * 3 * shadow.size, torch=torch_work)
 
 
-# -- measuring -------------------------------------------------------------------------------
-
-
-def median_seconds(fn, repeats: int, warmup: int = 2, min_sample_s: float = 0.005) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` samples, after ``warmup`` calls.
-
-    Calls shorter than ``min_sample_s`` are looped within a sample (timer resolution, overhead).
-    """
-    for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    inner = max(1, min(1000, int(min_sample_s / max(once, 1e-9))))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - start) / inner)
-    return float(np.median(samples))
-
-
-def measure_ceilings(gemm_sizes=(1024, 1536, 2048), gemm_repeats=5, copy_mib=256, copy_repeats=7) -> dict:
-    """This machine's float32 GEMM GFLOP/s and copy GB/s (read + write bytes), measured now."""
-    rng = np.random.default_rng(0)
-    rates = []
-    for n in gemm_sizes:
-        a, b, out = _randn(rng, (n, n)), _randn(rng, (n, n)), np.empty((n, n), np.float32)
-        np.matmul(a, b, out=out)  # warm-up: BLAS threads, pages of out
-        for _ in range(gemm_repeats):
-            start = time.perf_counter()
-            np.matmul(a, b, out=out)
-            rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
-    src = np.ones(copy_mib * 2**20 // F32, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # warm-up: touches every page of dst
-    seconds = median_seconds(lambda: np.copyto(dst, src), copy_repeats, warmup=0, min_sample_s=0)
-    return {
-        "gemm_gflops": float(np.median(rates)),
-        "copy_gbs": 2 * src.nbytes / seconds / 1e9,
-        "gemm_sizes": list(gemm_sizes),
-        "copy_mib": copy_mib,
-    }
-
-
-def _copies(args) -> list:
-    return [a.copy() if isinstance(a, np.ndarray) else a for a in args]
-
-
-def _outputs(fn, args, kwargs) -> list:
-    """The arrays one call produces, on copies of ``args``: what it returns, then the inputs
-    (ops that update in place, like optimizer steps, return nothing)."""
-    args = _copies(args)
-    result = fn(*args, **kwargs)
-    results = list(result) if isinstance(result, (tuple, list)) else [result]
-    return results + [a for a in args if isinstance(a, np.ndarray)]
-
-
-def _compare(outs, ref_outs) -> tuple[float, bool]:
-    """(largest absolute difference, whether every output agrees within RTOL, ATOL)."""
-    if len(outs) != len(ref_outs):
-        return math.inf, False
-    worst, agree = 0.0, True
-    for a, b in zip(outs, ref_outs):
-        if a is None or b is None:
-            agree = agree and (a is None) == (b is None)
-            continue
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        if a.shape != b.shape:
-            return math.inf, False
-        if a.size:
-            worst = max(worst, float(np.abs(a - b).max()))
-            agree = agree and bool(np.allclose(a, b, rtol=RTOL, atol=ATOL))
-    return worst, agree
-
-
-def _row(op, shape, impl, seconds=None, note=""):
-    return {
-        "op": op,
-        "shape": shape,
-        "impl": impl,
-        "median_ms": None if seconds is None else 1e3 * seconds,
-        "vs_reference": None,
-        "vs_torch": None,
-        "throughput": None,
-        "unit": None,
-        "ceiling_pct": None,
-        "max_abs_diff": None,
-        "note": note,
-    }
-
-
-def _error(exc) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"error: {type(exc).__name__}: {text}"[:160]
-
-
-def bench_case(op, case, impls, torch, ceilings, repeats, warmup) -> list[dict]:
-    """Rows for one case: each implementation, then PyTorch (when it has this work)."""
-    rows, ref_outs = [], None
-    pristine = _copies(case.args)  # the timed calls of in-place ops (Adam, EMA) change case.args
-    for impl, fn in impls.items():
-        try:
-            outs = _outputs(fn, pristine, case.kwargs)  # also compiles Numba kernels before timing
-            seconds = median_seconds(lambda fn=fn: fn(*case.args, **case.kwargs), repeats, warmup)
-        except Exception as exc:  # a kernel that fails is a row that says so, not a failed run
-            rows.append(_row(op, case.shape, impl, note=_error(exc)))
-            continue
-        row = _row(op, case.shape, impl, seconds)
-        if impl == "reference":
-            ref_outs = outs
-        elif ref_outs is not None:
-            diff, agree = _compare(outs, ref_outs)
-            row["max_abs_diff"] = diff if math.isfinite(diff) else None
-            if not agree:
-                row["note"] = f"differs from the reference (max |diff| {diff:.3g})"
-        rows.append(row)
-    if torch is not None and case.torch is not None:
-        try:
-            seconds = median_seconds(case.torch(torch), repeats, warmup)
-            rows.append(_row(op, case.shape, "torch", seconds))
-        except Exception as exc:
-            rows.append(_row(op, case.shape, "torch", note=_error(exc)))
-    times = {r["impl"]: r["median_ms"] for r in rows if r["median_ms"] is not None}
-    for row in rows:
-        ms = row["median_ms"]
-        if ms is None:
-            continue
-        if "reference" in times:
-            row["vs_reference"] = ms / times["reference"]
-        if "torch" in times:
-            row["vs_torch"] = ms / times["torch"]
-        if case.flops:
-            row["throughput"], row["unit"] = case.flops / ms / 1e6, "GFLOP/s"
-            row["ceiling_pct"] = 100 * row["throughput"] / ceilings["gemm_gflops"]
-        elif case.bytes:
-            row["throughput"], row["unit"] = case.bytes / ms / 1e6, "GB/s"
-            row["ceiling_pct"] = 100 * row["throughput"] / ceilings["copy_gbs"]
-    return rows
+# -- the run ---------------------------------------------------------------------------------
 
 
 def _impl_rank(impl):
@@ -592,34 +447,6 @@ def select_ops(patterns=None) -> list[str]:
     return chosen
 
 
-def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
-def machine(torch=None) -> dict:
-    from minidiff import kernels
-
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "numba": None}
-    try:
-        import numba
-
-        versions["numba"] = numba.__version__
-    except ImportError:
-        pass
-    versions["torch"] = torch.__version__ if torch is not None else None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        **versions,
-        "kernels": {name: why for name, (ok, why) in kernels.available().items()},
-    }
-
-
 def run(ops=None, *, repeats=None, quick=False, shapes="full", progress=None) -> dict:
     """Measure the ceilings, then every selected op; return the report (what the JSON holds)."""
     from minidiff import kernels
@@ -628,12 +455,8 @@ def run(ops=None, *, repeats=None, quick=False, shapes="full", progress=None) ->
     repeats = repeats or REPEATS["quick" if quick else "full"]
     warmup = 1 if quick else 2
     say = progress or (lambda text: None)
-    torch = _import_torch()
-    threads = None
-    if torch is not None:  # every core, as minidiff's kernels and NumPy's BLAS use them
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    torch = import_torch()
+    with torch_on_every_core(torch):
         say("measuring the ceilings (GEMM, copy)")
         ceilings = measure_ceilings(
             *CEILING_RUNS["tiny" if shapes == "tiny" else "quick" if quick else "full"]
@@ -644,21 +467,18 @@ def run(ops=None, *, repeats=None, quick=False, shapes="full", progress=None) ->
             impls = {k: impls[k] for k in sorted(impls, key=_impl_rank)}
             if op not in FACTORIES:
                 note = "no factory: add one to FACTORIES in minidiff/bench/kernels.py"
-                rows.append(_row(op, "-", ", ".join(impls), note=note))
+                rows.append(make_row(op, "-", ", ".join(impls), note=note))
                 continue
             make, specs = FACTORIES[op]
             for spec in specs[shapes][:1] if quick else specs[shapes]:
                 try:
                     case = make(np.random.default_rng(0), *spec)
                 except Exception as exc:
-                    rows.append(_row(op, str(spec), "-", note="factory " + _error(exc)))
+                    rows.append(make_row(op, str(spec), "-", note="factory " + error_note(exc)))
                     continue
                 say(f"{op} {case.shape}")
                 rows.extend(bench_case(op, case, impls, torch, ceilings, repeats, warmup))
                 del case
-    finally:
-        if threads is not None:
-            torch.set_num_threads(threads)
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(torch),
@@ -668,63 +488,7 @@ def run(ops=None, *, repeats=None, quick=False, shapes="full", progress=None) ->
     }
 
 
-# -- the report ------------------------------------------------------------------------------
-
-
-def _ms(ms) -> str:
-    return "-" if ms is None else f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
-
-
-def _ratio(value, missing) -> str:
-    return missing if value is None else f"{value:.2f}"
-
-
-def format_table(report) -> str:
-    """The table ``run`` measured, with the machine and the ceilings above it."""
-    c, m, o = report["ceilings"], report["machine"], report["options"]
-    sizes = "/".join(f"{n}^2" for n in c["gemm_sizes"])
-    lines = [
-        f"kernel benchmark {report['date']}: {m['processor']}, {m['cores']} cores; "
-        f"numpy {m['numpy']}, numba {m['numba'] or 'missing'}, torch {m['torch'] or 'missing'}",
-        f"ceilings: float32 GEMM {c['gemm_gflops']:.1f} GFLOP/s (median over {sizes} matmuls), "
-        f"copy {c['copy_gbs']:.1f} GB/s (np.copyto of {c['copy_mib']} MiB, read + write)",
-        f"median of {o['repeats']} after {o['warmup']} warm-up calls; /ref, /torch: time over time "
-        "(below 1: faster); % ceil: of the copy GB/s (or the GEMM GFLOP/s); over 100%: the "
-        "data sits in cache, or two threads beat the one-thread np.copyto",
-        "",
-    ]
-    header = ("op", "shape", "impl", "ms", "/ref", "/torch", "throughput", "% ceil", "note")
-    table = [header]
-    for r in report["rows"]:
-        rate = r["throughput"]
-        table.append(
-            (
-                r["op"],
-                r["shape"],
-                r["impl"],
-                _ms(r["median_ms"]),
-                _ratio(r["vs_reference"], "-"),
-                _ratio(r["vs_torch"], "n/a"),
-                "-" if rate is None else f"{rate:.1f} {r['unit']}",
-                "-" if rate is None else f"{r['ceiling_pct']:.0f}%",
-                r["note"],
-            )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    right = {3, 4, 5, 6, 7}
-    for row in table:
-        cells = [
-            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+# -- the command line ------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_json: str | None) -> None:
@@ -772,22 +536,11 @@ def run_from_args(args) -> int:
     return 0
 
 
-def write_report(report: dict, path, table: str) -> None:
-    """Write the JSON report to path (its folder created), then print the table last."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
-    print(table)
-
-
 def main(argv=None, *, prog=None, default_json="minidiff-bench.json") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser, default_json)
-    args = parser.parse_args(argv)
+    options = parser(prog, __doc__)
+    add_arguments(options, default_json)
+    args = options.parse_args(argv)
     try:
         return run_from_args(args)
     except ValueError as exc:  # --ops that matches nothing
-        parser.error(str(exc))
+        options.error(str(exc))

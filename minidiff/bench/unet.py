@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -30,7 +29,7 @@ import sys
 
 import numpy as np
 
-from .kernels import median_seconds, positive_int, write_report
+from .harness import import_torch, median_seconds, parser, positive_int, torch_on_every_core, write_report
 
 REPEATS = 5  # timed runs per measurement, by default
 
@@ -110,14 +109,11 @@ def measure(framework, cfg, batch, repeats) -> dict:
     of this process (it runs nothing else) is that of the training steps."""
     import resource
 
-    if framework == "torch":
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
-    train_step, sample_forward, params = make_steps(framework, cfg, batch)
-    result = {"params": params, "train_ms": 1e3 * median_seconds(train_step, repeats)}
-    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["sample_ms"] = 1e3 * median_seconds(sample_forward, repeats)
+    with torch_on_every_core(import_torch() if framework == "torch" else None):
+        train_step, sample_forward, params = make_steps(framework, cfg, batch)
+        result = {"params": params, "train_ms": 1e3 * median_seconds(train_step, repeats)}
+        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["sample_ms"] = 1e3 * median_seconds(sample_forward, repeats)
     return result
 
 
@@ -139,13 +135,12 @@ def measure_in_subprocess(framework, cfg, batch, repeats) -> dict:
 
 def run(cfg, batch, repeats, rounds) -> dict:
     """Alternate the two frameworks for ``rounds`` rounds; the report (JSON-ready)."""
-    if importlib.util.find_spec("torch") is None:
+    torch = import_torch()
+    if torch is None:
         raise RuntimeError(
             "the U-Net benchmark compares against PyTorch, which is not installed "
             "(pip install torch==2.13.0, the CPU build)"
         )
-    import torch
-
     per_round = [
         {fw: measure_in_subprocess(fw, cfg, batch, repeats) for fw in ("minidiff", "torch")}
         for _ in range(rounds)
@@ -241,17 +236,15 @@ def run_from_args(args, default_json="minidiff-bench-unet.json") -> int:
 
 
 def main(argv=None, *, prog=None, default_json="minidiff-bench-unet.json") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser, default_json=default_json)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    options = parser(prog, __doc__)
+    add_arguments(options, default_json=default_json)
+    options.add_argument("--worker", help=argparse.SUPPRESS)
+    options.add_argument("--worker-args", help=argparse.SUPPRESS)
+    args = options.parse_args(argv)
     if args.worker:  # one framework's measurements, as the last line of stdout
         print(json.dumps(measure(args.worker, *json.loads(args.worker_args))))
         return 0
     try:
         return run_from_args(args, default_json)
     except RuntimeError as exc:
-        parser.exit(1, f"{parser.prog}: {exc}\n")
+        options.exit(1, f"{options.prog}: {exc}\n")
