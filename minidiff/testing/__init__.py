@@ -9,6 +9,7 @@ Use ``gradcheck`` on any op you add::
 imported only by name.
 """
 
-from .gradcheck import TOLERANCES, GradcheckError, gradcheck, tolerance
+from .gradcheck import GradcheckError, gradcheck
+from .tolerances import TOLERANCES, tolerance
 
 __all__ = ["TOLERANCES", "GradcheckError", "gradcheck", "tolerance"]

@@ -1,6 +1,6 @@
-"""Tools for checking ops: numerical gradient checks and the tolerance table.
+"""The numerical gradient check: backward() against central differences in float64.
 
-Use ``gradcheck`` on any op you add::
+Use it on any op you add::
 
     x = minidiff.tensor(np.random.randn(3, 4), dtype="float64", requires_grad=True)
     assert gradcheck(lambda t: my_op(t), x)
@@ -12,20 +12,7 @@ import numpy as np
 
 from ..autograd import no_grad
 from ..tensor import Tensor
-
-# One table for every comparison in the test suite.
-#   "gradcheck": analytic vs central-difference gradients, in float64;
-#   float32 / float64: a fast kernel or op against its reference formula.
-TOLERANCES = {
-    "gradcheck": {"eps": 1e-6, "atol": 1e-5, "rtol": 1e-4},
-    np.dtype(np.float32): {"atol": 1e-5, "rtol": 1e-4},
-    np.dtype(np.float64): {"atol": 1e-10, "rtol": 1e-8},
-}
-
-
-def tolerance(dtype) -> dict:
-    """``{"atol": ..., "rtol": ...}`` for comparing values of ``dtype``."""
-    return dict(TOLERANCES[np.dtype(dtype)])
+from .tolerances import TOLERANCES
 
 
 class GradcheckError(AssertionError):
