@@ -1,4 +1,5 @@
-"""Tools for checking ops: numerical gradient checks and the tolerance table.
+"""Tools for checking ops: numerical gradient checks, the tolerance table, and ``check_function``
+(an op's forward against a reference in each dtype, then its gradient check).
 
 Use ``gradcheck`` on any op you add::
 
@@ -9,7 +10,8 @@ Use ``gradcheck`` on any op you add::
 imported only by name.
 """
 
+from .check import check_function
 from .gradcheck import GradcheckError, gradcheck
 from .tolerances import TOLERANCES, tolerance
 
-__all__ = ["TOLERANCES", "GradcheckError", "gradcheck", "tolerance"]
+__all__ = ["TOLERANCES", "GradcheckError", "check_function", "gradcheck", "tolerance"]
