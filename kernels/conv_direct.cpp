@@ -223,8 +223,8 @@ MINIDIFF_INLINE void forward_task(const float* packed, const float* bias, float*
 // adding the sample's sum into its block of the thread's own gwt (C*T, Opad).
 
 // Rows per tile for V vectors: as many accumulators as the registers hold (R*V + V + 1 of 32
-// with AVX-512, of 16 otherwise). With two vectors the forward pass is faster with 12 rows, the
-// weight gradient with 8 (measured: 3% each way at 32x32).
+// with AVX-512, of 16 otherwise). With two vectors the forward pass runs best with 12 rows, the
+// weight gradient with 8.
 template <int VW, int V, bool Forward = false>
 constexpr int lane_rows() {
     return VW == 16 ? (V == 1 ? 12 : V == 2 ? (Forward ? 12 : 8) : 6) : (V == 1 ? 6 : 4);
@@ -292,7 +292,7 @@ MINIDIFF_INLINE void weight_grad_tile(const WeightGradPlan& pl, int64_t row0, in
 }
 
 // dst (cols, ld) = src (rows, cols).T, in 4x4 blocks transposed in registers (the plain double
-// loop writes one float per cache line it touches: 4x slower at 32x1024).
+// loop writes one float per cache line it touches).
 void transpose(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ld) {
     int64_t r0 = 0;
 #if defined(__has_builtin)

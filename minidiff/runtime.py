@@ -17,14 +17,13 @@ a value the user set, and ``minidiff info`` reports them:
 - ``OPENBLAS_THREAD_TIMEOUT=4`` for the OpenBLAS that NumPy multiplies matrices with: its idle
   threads then sleep at once instead of spinning for about 2^28 cycles (tens of milliseconds)
   after every product. A spinning BLAS thread holds a core that the native kernels' OpenMP
-  threads need next: on 2 cores the direct convolution ran at half speed after any matrix
-  product, and a U-Net training step took 1.3x as long. OpenBLAS reads the variable when it is
-  loaded, so it is set before NumPy is imported; where NumPy came first, the loaded copies are
-  told to read it again and their threads are restarted (at import, while no product runs).
+  threads need next. OpenBLAS reads the variable when it is loaded, so it is set before NumPy
+  is imported; where NumPy came first, the loaded copies are told to read it again and their
+  threads are restarted (at import, while no product runs).
 - glibc's allocator keeps freed memory for reuse (``mallopt``): by default it hands every block
   over 32 MiB, and memory freed at the top of its heap, back to the system, and a training step
   that allocates and frees a few hundred MiB of activations then pays a page fault on each 4 KiB
-  page again, every step (about a fifth of the step's time on a 2-core machine). The resident
+  page again, every step. The resident
   size then stays near its peak instead of shrinking between steps. Set
   ``MINIDIFF_MALLOC=system`` to keep the allocator's defaults.
 

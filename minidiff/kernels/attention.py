@@ -133,11 +133,9 @@ def softmax_backward_numba(gy, y, axis=-1, scale=1.0):
 
 # -- native (kernels/attention.cpp) -----------------------------------------------------------
 
-# The rows run on one thread below this many elements: waking the second OpenMP thread costs
-# tens of microseconds on a 2-core machine (OMP_WAIT_POLICY=PASSIVE, see registry.py). The
-# forward pays off sooner than the backward, a pass over memory like diffusion.py's: measured,
-# 64-wide rows of 131,072 values took 147 us on one thread and 130 on two forward, while the
-# backward of 524,288 values took 105 and 114.
+# The rows run on one thread below this many elements: waking a sleeping OpenMP thread
+# (OMP_WAIT_POLICY=PASSIVE, see minidiff/runtime.py) costs more than it saves on small inputs.
+# The forward, with its exponentials, pays off sooner than the backward, a pass over memory.
 PARALLEL_MIN_FORWARD = 1 << 17
 
 

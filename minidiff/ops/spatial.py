@@ -12,7 +12,7 @@ class UpsampleNearest2d(Function):
     def forward(self, x, *, scale):
         self.scale = scale
         xp = get_array_module(x)
-        # two contiguous repeats: 4x faster than copying a broadcast (N, C, H, s, W, s) view
+        # two contiguous repeats: cheaper than copying a broadcast (N, C, H, s, W, s) view
         return xp.repeat(xp.repeat(x, scale, axis=3), scale, axis=2)
 
     def backward(self, g):
@@ -20,7 +20,7 @@ class UpsampleNearest2d(Function):
         s = self.scale
         h, w = hs // s, ws // s
         # Sum the s row copies (whole contiguous rows), then the s column copies: s + s strided
-        # adds, 20x faster than NumPy's .sum(axis=(3, 5)) over the small strided axes.
+        # adds over whole rows, instead of NumPy's .sum(axis=(3, 5)) over the small strided axes.
         rows = g.reshape(n, c, h, s, ws)
         acc = rows[:, :, :, 0].copy()
         for i in range(1, s):
