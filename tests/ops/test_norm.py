@@ -11,9 +11,8 @@ from strategies import arrays, leaf
 import minidiff as md
 import minidiff.functional as F
 from minidiff import kernels
-from minidiff.testing import gradcheck, tolerance
+from minidiff.testing import check_function, gradcheck, tolerance
 
-DTYPES = [np.float32, np.float64]
 EPS = 1e-5
 
 
@@ -56,40 +55,18 @@ def group_norm_case(draw, affine=None):
     return x, groups, weight, bias
 
 
-def _inputs(*arrays_):
-    return [leaf(a) for a in arrays_ if a is not None]
+def _group_norm(groups):
+    return lambda x, w, b: F.group_norm(x, groups, weight=w, bias=b, eps=EPS)
 
 
-def _call_group_norm(x, groups, weight, bias):
-    """Build the call from whichever of weight/bias are given."""
-
-    def fn(*ts):
-        it = iter(ts)
-        t = next(it)
-        w = next(it) if weight is not None else None
-        b = next(it) if bias is not None else None
-        return F.group_norm(t, groups, weight=w, bias=b, eps=EPS)
-
-    return fn
+def _ref_group_norm(groups):
+    return lambda x, w, b: ref_group_norm(x, groups, w, b, EPS)
 
 
 @given(case=group_norm_case())
-def test_group_norm_gradcheck(case):
+def test_group_norm(case):
     x, groups, weight, bias = case
-    assert gradcheck(_call_group_norm(x, groups, weight, bias), *_inputs(x, weight, bias))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@given(case=group_norm_case())
-def test_group_norm_forward(dtype, case):
-    x, groups, weight, bias = case
-    cast = lambda a: None if a is None else md.tensor(a, dtype=dtype)  # noqa: E731
-    tx, tw, tb = cast(x), cast(weight), cast(bias)
-    up = lambda t: None if t is None else t.numpy().astype(np.float64)  # noqa: E731
-    expected = ref_group_norm(up(tx), groups, up(tw), up(tb), EPS)
-    out = F.group_norm(tx, groups, weight=tw, bias=tb, eps=EPS)
-    assert out.dtype == dtype and out.shape == x.shape
-    np.testing.assert_allclose(out.numpy(), expected, **tolerance(dtype))
+    check_function(_group_norm(groups), [x, weight, bias], reference=_ref_group_norm(groups))
 
 
 # Regression test, minidiff bug fixed in ec78413: functional.group_norm fills in a weight of ones
@@ -119,38 +96,16 @@ def group_norm_silu_case(draw):
     return x, groups, weight, bias, shift
 
 
-def _call_group_norm_silu(weight, shift, groups):
-    def fn(*ts):
-        it = iter(ts)
-        t = next(it)
-        w, b = (next(it), next(it)) if weight is not None else (None, None)
-        sh = next(it) if shift is not None else None
-        return F.group_norm_silu(t, groups, w, b, eps=EPS, shift=sh)
-
-    return fn
-
-
 @pytest.mark.parametrize("impl", [i for i in kernels.IMPLEMENTATIONS if kernels.available()[i][0]])
 @given(case=group_norm_silu_case())
-def test_group_norm_silu_gradcheck(impl, case):
+def test_group_norm_silu(impl, case):
     x, groups, weight, bias, shift = case
     with kernels.use(impl):
-        assert gradcheck(_call_group_norm_silu(weight, shift, groups), *_inputs(x, weight, bias, shift))
-
-
-@pytest.mark.parametrize("impl", [i for i in kernels.IMPLEMENTATIONS if kernels.available()[i][0]])
-@pytest.mark.parametrize("dtype", DTYPES)
-@given(case=group_norm_silu_case())
-def test_group_norm_silu_forward(impl, dtype, case):
-    x, groups, weight, bias, shift = case
-    cast = lambda a: None if a is None else md.tensor(a, dtype=dtype)  # noqa: E731
-    up = lambda t: None if t is None else t.numpy().astype(np.float64)  # noqa: E731
-    tx, tw, tb, ts = cast(x), cast(weight), cast(bias), cast(shift)
-    expected = ref_group_norm_silu(up(tx), groups, up(tw), up(tb), up(ts), EPS)
-    with kernels.use(impl):
-        out = F.group_norm_silu(tx, groups, tw, tb, eps=EPS, shift=ts)
-    assert out.dtype == dtype and out.shape == x.shape
-    np.testing.assert_allclose(out.numpy(), expected, **tolerance(dtype))
+        check_function(
+            lambda x, w, b, shift: F.group_norm_silu(x, groups, w, b, eps=EPS, shift=shift),
+            [x, weight, bias, shift],
+            reference=lambda x, w, b, shift: ref_group_norm_silu(x, groups, w, b, shift, EPS),
+        )
 
 
 def test_group_norm_silu_rejects_bad_input():
@@ -195,35 +150,15 @@ def layer_norm_case(draw):
     return x, (normalized[0] if as_int else normalized), weight, bias
 
 
-def _call_layer_norm(normalized, weight, bias):
-    def fn(*ts):
-        it = iter(ts)
-        t = next(it)
-        w = next(it) if weight is not None else None
-        b = next(it) if bias is not None else None
-        return F.layer_norm(t, normalized, weight=w, bias=b, eps=EPS)
-
-    return fn
-
-
 @given(case=layer_norm_case())
-def test_layer_norm_gradcheck(case):
-    x, normalized, weight, bias = case
-    assert gradcheck(_call_layer_norm(normalized, weight, bias), *_inputs(x, weight, bias))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@given(case=layer_norm_case())
-def test_layer_norm_forward(dtype, case):
+def test_layer_norm(case):
     x, normalized, weight, bias = case
     k = 1 if isinstance(normalized, int) else len(normalized)
-    cast = lambda a: None if a is None else md.tensor(a, dtype=dtype)  # noqa: E731
-    tx, tw, tb = cast(x), cast(weight), cast(bias)
-    up = lambda t: None if t is None else t.numpy().astype(np.float64)  # noqa: E731
-    expected = ref_layer_norm(up(tx), k, up(tw), up(tb), EPS)
-    out = F.layer_norm(tx, normalized, weight=tw, bias=tb, eps=EPS)
-    assert out.dtype == dtype and out.shape == x.shape
-    np.testing.assert_allclose(out.numpy(), expected, **tolerance(dtype))
+    check_function(
+        lambda x, w, b: F.layer_norm(x, normalized, weight=w, bias=b, eps=EPS),
+        [x, weight, bias],
+        reference=lambda x, w, b: ref_layer_norm(x, k, w, b, EPS),
+    )
 
 
 @pytest.mark.parametrize("impl", sorted(kernels.implementations("group_norm_forward")))
@@ -233,12 +168,8 @@ def test_group_norm_under_each_kernel_implementation(impl, affine):
     x = rng.standard_normal((2, 4, 3, 2)) * 2 + 1
     w, b = (rng.standard_normal(4), rng.standard_normal(4)) if affine else (None, None)
     with kernels.use(impl):
-        out = F.group_norm(
-            leaf(x), 2, None if w is None else leaf(w), None if b is None else leaf(b), eps=EPS
-        )
-        np.testing.assert_allclose(out.numpy(), ref_group_norm(x, 2, w, b, EPS), **tolerance(np.float64))
-        x_view = np.asfortranarray(x)
-        assert gradcheck(_call_group_norm(x, 2, w, b), *_inputs(x_view, w, b))
+        for layout in (x, np.asfortranarray(x)):
+            check_function(_group_norm(2), [layout, w, b], reference=_ref_group_norm(2), dtypes=[np.float64])
 
 
 # -- bad input -----------------------------------------------------------------------------------------
