@@ -11,6 +11,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minidiff"
 
 # module prefix -> the minidiff modules it must never import (prefixes too)
+# fmt: off
 FORBIDDEN = {
     "minidiff.backend": ["minidiff.autograd", "minidiff.tensor", "minidiff.functional", "minidiff.ops",
                          "minidiff.kernels", "minidiff.nn", "minidiff.models"],
@@ -27,7 +28,13 @@ FORBIDDEN = {
                         "minidiff.metrics", "minidiff.data"],
     "minidiff.diffusion": ["minidiff.train", "minidiff.io", "minidiff.metrics", "minidiff.cli"],
 }
+# fmt: on
 ONLY_TRAIN_IMPORTS = "minidiff.distributed"
+# The tools built on the library: the core never imports them; the CLI and each other may.
+TOOLS = ["minidiff.testing", "minidiff.bench"]
+TOOL_USERS = TOOLS + ["minidiff.cli"]
+# The only modules that may import PyTorch (the bench/ ones inside functions, while a benchmark runs).
+TORCH_IMPORTERS = ["minidiff.testing.torch_unet", "minidiff.bench"]
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -87,7 +94,36 @@ def test_imports_point_down(path):
         assert not [m for m in imported if _within(m, ONLY_TRAIN_IMPORTS)], f"{name} imports distributed/"
 
 
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_the_core_does_not_import_the_tools(path):
+    name = module_name(path)
+    if any(_within(name, user) for user in TOOL_USERS):
+        return
+    wrong = sorted(m for m in imports_of(path) if any(_within(m, tool) for tool in TOOLS))
+    assert not wrong, f"{name} imports {wrong}: the library core never imports its test and bench tools"
+
+
+def torch_imports(path: pathlib.Path) -> list[str]:
+    """The torch modules this file imports, at the top or inside a function."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.append(node.module or "")
+    return [m for m in found if _within(m, "torch")]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_only_the_tools_import_torch(path):
+    name = module_name(path)
+    if not any(_within(name, allowed) for allowed in TORCH_IMPORTERS):
+        assert not torch_imports(path), f"{name} imports torch; only {TORCH_IMPORTERS} may"
+
+
 def test_the_checker_sees_relative_and_deferred_imports():
     assert {"minidiff.autograd", "minidiff.kernels"} <= imports_of(PACKAGE / "ops" / "norm.py")
     assert "minidiff.tensor" in imports_of(PACKAGE / "nn" / "module.py")
     assert "minidiff.train" in imports_of(PACKAGE / "cli.py")  # imported inside cmd_train
+    assert "minidiff.bench.unet" in imports_of(PACKAGE / "cli.py")  # imported inside cmd_bench
+    assert torch_imports(PACKAGE / "bench" / "unet.py") == ["torch"]  # inside make_steps
