@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from minidiff.train.evaluate import sample_quality_report
 from minidiff.train import TrainConfig, Trainer
+from minidiff.train.evaluate import sample_quality_report
 
 MIN_CONFIDENCE = 0.9
 
