@@ -295,7 +295,7 @@ def write_report(report: dict, path, table: str) -> None:
     print(table)
 
 
-def parser(prog, description) -> argparse.ArgumentParser:
+def command_parser(prog, description) -> argparse.ArgumentParser:
     """The parser of a benchmark's command line, its module docstring as the help text."""
     return argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter

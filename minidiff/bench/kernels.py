@@ -38,13 +38,13 @@ from .harness import (
     F32,
     Case,
     bench_case,
+    command_parser,
     error_note,
     format_table,
     import_torch,
     machine,
     make_row,
     measure_ceilings,
-    parser,
     positive_int,
     torch_on_every_core,
     write_report,
@@ -537,7 +537,7 @@ def run_from_args(args) -> int:
 
 
 def main(argv=None, *, prog=None, default_json="minidiff-bench.json") -> int:
-    options = parser(prog, __doc__)
+    options = command_parser(prog, __doc__)
     add_arguments(options, default_json)
     args = options.parse_args(argv)
     try:

@@ -29,7 +29,14 @@ import sys
 
 import numpy as np
 
-from .harness import import_torch, median_seconds, parser, positive_int, torch_on_every_core, write_report
+from .harness import (
+    command_parser,
+    import_torch,
+    median_seconds,
+    positive_int,
+    torch_on_every_core,
+    write_report,
+)
 
 REPEATS = 5  # timed runs per measurement, by default
 
@@ -236,7 +243,7 @@ def run_from_args(args, default_json="minidiff-bench-unet.json") -> int:
 
 
 def main(argv=None, *, prog=None, default_json="minidiff-bench-unet.json") -> int:
-    options = parser(prog, __doc__)
+    options = command_parser(prog, __doc__)
     add_arguments(options, default_json=default_json)
     options.add_argument("--worker", help=argparse.SUPPRESS)
     options.add_argument("--worker-args", help=argparse.SUPPRESS)
