@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -111,3 +114,8 @@ def test_bad_arguments():
         check_function(F.exp, [X.astype(np.float32)], reference=np.exp)
     with pytest.raises(ValueError, match="grad has 1 entries for 2 inputs"):
         check_function(F.mul, [X, Y], reference=np.multiply, grad=[True])
+
+
+def test_importing_the_tools_does_not_import_torch():
+    code = "import sys, minidiff.testing; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
