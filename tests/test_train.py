@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from minidiff import io
-from minidiff.train.plot import plot_loss
 from minidiff.train import ModelConfig, TrainConfig, Trainer, TrainingDiverged, load_model
+from minidiff.train.plot import plot_loss
 
 TINY = {
     "dataset": "digits",
@@ -545,7 +545,7 @@ def test_load_model_errors(tmp_path):
 
 def _as_format_1(key, value):
     """A current checkpoint key and array as format 1 wrote them (attention as 1x1 convolutions)."""
-    old_names = {"attn.to_q": "q", "attn.to_k": "k", "attn.to_v": "v", "attn.to_out": "proj_out"}
+    old_names = {"attn.to_q": "q", "attn.to_k": "k", "attn.to_v": "v", "attn.to_out.0": "proj_out"}
     for new, old in old_names.items():
         if f".{new}." in key:
             return key.replace(f".{new}.", f".{old}."), value[..., None, None] if value.ndim == 2 else value

@@ -68,8 +68,8 @@ class AttentionBlock(Module):
     def __init__(self, ch, groups, rng, dtype):
         self.norm = GroupNorm(groups, ch, dtype=dtype)
         self.attn = Attention(ch, rng=rng, dtype=dtype)
-        _zero_(self.attn.to_out.weight)
-        _zero_(self.attn.to_out.bias)
+        _zero_(self.attn.to_out[0].weight)
+        _zero_(self.attn.to_out[0].bias)
 
     def forward(self, x):
         _, _, h, w = x.shape

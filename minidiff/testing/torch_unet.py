@@ -69,7 +69,7 @@ class TorchAttention(nn.Module):
         self.to_q = nn.Linear(ch, ch)
         self.to_k = nn.Linear(ch, ch)
         self.to_v = nn.Linear(ch, ch)
-        self.to_out = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers' key: to_out.0
 
     def forward(self, x):
         n, c, h, w = x.shape
@@ -77,7 +77,7 @@ class TorchAttention(nn.Module):
         q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
         scores = torch.einsum("nic,njc->nij", q, k) / math.sqrt(c)  # (N, HW query, HW key)
         weights = torch.softmax(scores, dim=-1)
-        out = self.to_out(torch.einsum("nij,njc->nic", weights, v))
+        out = self.to_out[0](torch.einsum("nij,njc->nic", weights, v))
         return x + out.transpose(1, 2).reshape(n, c, h, w)
 
 

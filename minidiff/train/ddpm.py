@@ -115,8 +115,8 @@ def config_differences(saved: TrainConfig, requested: dict) -> list[str]:
 
 CHECKPOINT_FORMAT = "minidiff-checkpoint-2"
 # Format 1 held the U-Net's attention projections as 1x1 convolutions named q, k, v, proj_out;
-# format 2 has the shared nn.Attention's linear to_q, to_k, to_v, to_out (the same numbers).
-_FORMAT_1_ATTENTION = {"q": "attn.to_q", "k": "attn.to_k", "v": "attn.to_v", "proj_out": "attn.to_out"}
+# format 2 has the shared nn.Attention's linear to_q, to_k, to_v, to_out.0 (the same numbers).
+_FORMAT_1_ATTENTION = {"q": "attn.to_q", "k": "attn.to_k", "v": "attn.to_v", "proj_out": "attn.to_out.0"}
 
 
 def upgrade_checkpoint_arrays(group: dict, state: dict) -> dict:

@@ -30,7 +30,11 @@ def torch_attention(attn, x, context=None, mask=None, causal=False):
         n, length, _ = t.shape
         return t.reshape(n, length, attn.heads, attn.head_dim).transpose(1, 2)
 
-    q, k, v = split(project("to_q", tx)), split(project("to_k", tc)), split(project("to_v", tc))
+    if attn.names == "diffusers":
+        to_q, to_k, to_v, to_out = "to_q", "to_k", "to_v", "to_out.0"
+    else:
+        to_q, to_k, to_v, to_out = "q_proj", "k_proj", "v_proj", "out_proj"
+    q, k, v = split(project(to_q, tx)), split(project(to_k, tc)), split(project(to_v, tc))
     torch_mask = None if mask is None else torch.tensor(mask)
     if causal:
         lq, lk = q.shape[-2], k.shape[-2]
@@ -38,7 +42,7 @@ def torch_attention(attn, x, context=None, mask=None, causal=False):
         torch_mask = allowed if torch_mask is None else allowed & torch_mask
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch_mask)
     n, _, length, _ = out.shape
-    out = project("to_out", out.transpose(1, 2).reshape(n, length, attn.heads * attn.head_dim))
+    out = project(to_out, out.transpose(1, 2).reshape(n, length, attn.heads * attn.head_dim))
     leaves = {"x": tx, **({} if context is None else {"context": tc}), **params}
     return out, leaves
 
@@ -68,6 +72,7 @@ def attention_cases(draw):
         causal=causal,
         masked=masked,
         qkv_bias=draw(st.booleans()),
+        names=draw(st.sampled_from(["diffusers", "transformers"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -85,6 +90,7 @@ def test_attention_matches_torch_values_and_gradients(case):
         heads=case["heads"],
         head_dim=case["head_dim"],
         qkv_bias=case["qkv_bias"],
+        names=case["names"],
         rng=rng,
         dtype=np.float64,
     )
@@ -137,9 +143,13 @@ def test_parameter_names_are_the_checkpoint_keys():
         "to_q.weight": (8, 8),
         "to_k.weight": (8, 6),
         "to_v.weight": (8, 6),
-        "to_out.weight": (8, 8),
-        "to_out.bias": (8,),
+        "to_out.0.weight": (8, 8),
+        "to_out.0.bias": (8,),
     }
+    clip = Attention(8, heads=2, names="transformers")
+    assert sorted(name for name, _ in clip.named_parameters()) == [
+        f"{p}_proj.{w}" for p in ("k", "out", "q", "v") for w in ("bias", "weight")
+    ]
 
 
 def test_image_tokens_round_trip():
@@ -156,5 +166,9 @@ def test_attention_rejects_bad_input():
     attn = Attention(4, heads=2)
     with pytest.raises(ValueError, match=r"x must be \(N, L, 4\)"):
         attn(md.tensor(np.zeros((2, 4), np.float32)))
+    with pytest.raises(ValueError, match=r"context must be \(N, Lc, 4\)"):
+        attn(md.tensor(np.zeros((1, 3, 4), np.float32)), md.tensor(np.zeros((1, 2, 5), np.float32)))
+    with pytest.raises(ValueError, match="names must be"):
+        Attention(4, names="torch")
     with pytest.raises(ValueError, match="boolean mask"):
         attn(md.tensor(np.zeros((1, 3, 4), np.float32)), mask=np.zeros((3, 3), np.float32), causal=True)
