@@ -1,12 +1,16 @@
 """Layers: thin Modules around minidiff.functional.
 
 Weights start as in PyTorch: uniform in +-1/sqrt(fan_in). Pass ``rng`` (a
-numpy Generator) to make the initialization reproducible.
+numpy Generator) to make the initialization reproducible. Inside
+``without_init()`` the weights are left uninitialized instead (for a model whose
+weights are loaded right after: drawing 860M random numbers first costs seconds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 
@@ -14,18 +18,50 @@ from .. import functional as F
 from ..backend import DEFAULT_DTYPE
 from .module import Module, Parameter
 
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def without_init():
+    """Layers built inside allocate their weights without drawing or filling them."""
+    before = getattr(_state, "skip", False)
+    _state.skip = True
+    try:
+        yield
+    finally:
+        _state.skip = before
+
+
+def _skipped(shape, dtype):
+    if getattr(_state, "skip", False):
+        return Parameter(np.empty(shape, dtype=dtype or DEFAULT_DTYPE))
+    return None
+
 
 def _uniform(rng, shape, bound, dtype):
+    param = _skipped(shape, dtype)
+    if param is not None:
+        return param
     rng = rng if rng is not None else np.random.default_rng()
     return Parameter(rng.uniform(-bound, bound, size=shape), dtype=dtype or DEFAULT_DTYPE)
 
 
+def _normal(rng, shape, dtype):
+    param = _skipped(shape, dtype)
+    if param is not None:
+        return param
+    rng = rng if rng is not None else np.random.default_rng()
+    return Parameter(rng.standard_normal(shape), dtype=dtype or DEFAULT_DTYPE)
+
+
 def _zeros(shape, dtype):
-    return Parameter(np.zeros(shape), dtype=dtype or DEFAULT_DTYPE)
+    param = _skipped(shape, dtype)
+    return param if param is not None else Parameter(np.zeros(shape), dtype=dtype or DEFAULT_DTYPE)
 
 
 def _ones(shape, dtype):
-    return Parameter(np.ones(shape), dtype=dtype or DEFAULT_DTYPE)
+    param = _skipped(shape, dtype)
+    return param if param is not None else Parameter(np.ones(shape), dtype=dtype or DEFAULT_DTYPE)
 
 
 class Linear(Module):
@@ -90,8 +126,7 @@ class LayerNorm(Module):
 
 class Embedding(Module):
     def __init__(self, num_embeddings, dim, rng=None, dtype=None):
-        rng = rng if rng is not None else np.random.default_rng()
-        self.weight = Parameter(rng.standard_normal((num_embeddings, dim)), dtype=dtype or DEFAULT_DTYPE)
+        self.weight = _normal(rng, (num_embeddings, dim), dtype)
 
     def forward(self, indices):
         return F.embedding(indices, self.weight)

@@ -18,6 +18,8 @@ import pathlib
 
 import numpy as np
 
+from .layers import without_init
+
 WEIGHT_FILES = ("diffusion_pytorch_model", "model")  # diffusers' name, transformers' name
 
 
@@ -141,7 +143,8 @@ class Pretrained:
         (float32 by default; fp16 files are cast)."""
         folder = pathlib.Path(folder)
         config = read_config(folder)
-        model = cls.from_config(config, dtype=dtype, source=folder / "config.json")
+        with without_init():  # every weight is loaded below (or the load fails)
+            model = cls.from_config(config, dtype=dtype, source=folder / "config.json")
         files = weight_files(folder, variant)
         source = files[0] if len(files) == 1 else folder
         load_weights(model, model.adapt_weights(read_weights(files)), source)

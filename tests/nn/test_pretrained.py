@@ -120,3 +120,15 @@ def test_bad_folders_name_the_file_and_the_key(tmp_path):
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(PretrainedError, match="cannot be read as safetensors"):
         Tiny.from_pretrained(folder)
+
+
+def test_layers_built_without_init_are_not_drawn():
+    from minidiff.nn.layers import without_init
+
+    rng = np.random.default_rng(0)
+    with without_init():
+        layer = Linear(3, 4, rng=rng)
+    assert rng.random() == np.random.default_rng(0).random()  # nothing was drawn from rng
+    assert layer.weight.shape == (4, 3) and layer.weight.dtype == np.float32
+    drawn = Linear(3, 4, rng=np.random.default_rng(0))  # outside: drawn as before
+    assert np.all(np.abs(drawn.weight.numpy()) <= 1 / np.sqrt(3)) and np.any(drawn.weight.numpy())
