@@ -1,9 +1,36 @@
-"""Networks built from minidiff.nn: the DDPM U-Net.
+"""Networks built from minidiff.nn.
+
+unet.py                the DDPM U-Net
+blocks.py              ResnetBlock2D, Downsample2D, Upsample2D (shared by the two below)
+unet_2d_condition.py   Stable Diffusion's U-Net (transformer_2d.py: its cross-attention blocks)
+autoencoder_kl.py      Stable Diffusion's KL autoencoder
+clip.py, tokenizer.py  the CLIP text encoder and its tokenizer
 
 Models know nothing of diffusion, checkpoints or training; their attribute names are the keys of
-the state dicts they load.
+the state dicts they load (diffusers' and transformers' spelling for the Stable Diffusion parts),
+and ``from_pretrained(folder)`` reads the folders those libraries write.
 """
 
+from .autoencoder_kl import AutoencoderKL, DiagonalGaussian
+from .blocks import Downsample2D, ResnetBlock2D, Upsample2D
+from .clip import CLIPTextModel
+from .tokenizer import CLIPTokenizer
+from .transformer_2d import BasicTransformerBlock, Transformer2DModel
 from .unet import UNet, timestep_embedding
+from .unet_2d_condition import UNet2DConditionModel, timestep_sinusoids
 
-__all__ = ["UNet", "timestep_embedding"]
+__all__ = [
+    "AutoencoderKL",
+    "BasicTransformerBlock",
+    "CLIPTextModel",
+    "CLIPTokenizer",
+    "DiagonalGaussian",
+    "Downsample2D",
+    "ResnetBlock2D",
+    "Transformer2DModel",
+    "UNet",
+    "UNet2DConditionModel",
+    "Upsample2D",
+    "timestep_embedding",
+    "timestep_sinusoids",
+]
