@@ -131,6 +131,26 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):
         raise SystemExit(f"minidiff sample: --out must end in .png or .npy, got {out}")
+    if (args.checkpoint is None) == (args.pipeline is None):
+        raise SystemExit(
+            "minidiff sample: give --checkpoint (a minidiff run) or --pipeline (a Stable Diffusion folder)"
+        )
+    if args.pipeline is not None:
+        return _sample_pipeline(args, out)
+    for flag, value in (
+        ("--prompt", args.prompt),
+        ("--negative-prompt", args.negative_prompt),
+        ("--height", args.height),
+        ("--width", args.width),
+    ):
+        if value is not None:
+            raise SystemExit(f"minidiff sample: {flag} needs --pipeline")
+    if args.sampler in ("pndm", "euler"):
+        raise SystemExit(
+            f"minidiff sample: --sampler {args.sampler} needs --pipeline (checkpoints: ddpm, ddim)"
+        )
+    args.sampler = args.sampler or "ddim"
+    args.num = 20 if args.num is None else args.num
     model, diffusion, state = load_model(args.checkpoint, weights="model" if args.raw_weights else "ema")
     num_classes = state["num_classes"]
     y = None
@@ -158,6 +178,47 @@ def cmd_sample(args) -> int:
     else:
         save_grid(images, out, nrow=None, scale=max(1, 64 // images.shape[-1]))
     print(f"wrote {args.num} samples to {out}")
+    return 0
+
+
+def _sample_pipeline(args, out) -> int:
+    """``minidiff sample --pipeline DIR --prompt ...``: text to image with a Stable Diffusion folder."""
+    import numpy as np
+
+    from minidiff.data import save_grid, to_uint8
+    from minidiff.pipelines import StableDiffusion
+
+    if args.prompt is None:
+        raise SystemExit("minidiff sample: --pipeline needs --prompt")
+    for flag, value in (("--class", args.class_label), ("--raw-weights", args.raw_weights or None)):
+        if value is not None:
+            raise SystemExit(f"minidiff sample: {flag} applies to --checkpoint runs only")
+    if args.sampler == "ddpm":
+        raise SystemExit("minidiff sample: --pipeline samples with ddim, pndm or euler")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise SystemExit(f"minidiff sample: --out's folder {out.parent} is a file")
+    args.num = 1 if args.num is None else args.num
+    sd = StableDiffusion.from_pretrained(args.pipeline)
+    negative = None if args.negative_prompt is None else [args.negative_prompt] * args.num
+    images = sd(
+        [args.prompt] * args.num,
+        negative_prompt=negative,
+        num_steps=args.steps,
+        guidance=7.5 if args.guidance is None else args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        sampler=args.sampler,
+        eta=args.eta,
+        progress=True,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = images * 2 - 1  # [0, 1] -> [-1, 1], what the image writers take
+    if out.suffix == ".npy":
+        np.save(out, to_uint8(images))
+    else:
+        save_grid(images, out, nrow=None)
+    print(f"wrote {args.num} images to {out}")
     return 0
 
 
@@ -245,18 +306,31 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser(
         "sample",
         help="generate images from a checkpoint",
-        description="Sample images with DDPM or DDIM. .png writes a grid, .npy a uint8 array (N, C, H, W).",
+        description="Sample images with DDPM or DDIM from a minidiff run (--checkpoint), or from a "
+        "prompt with a Stable Diffusion folder in diffusers' layout (--pipeline). .png writes a grid, "
+        ".npy a uint8 array (N, C, H, W).",
     )
-    sample.add_argument("--checkpoint", required=True, help="a run folder or a checkpoint folder")
-    sample.add_argument("--num", type=positive_int, default=20, help="number of images")
-    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    sample.add_argument("--checkpoint", help="a run folder or a checkpoint folder")
+    sample.add_argument("--pipeline", help="a Stable Diffusion folder (model_index.json, unet/, vae/, ...)")
+    sample.add_argument("--prompt", help="the text to draw (--pipeline)")
+    sample.add_argument("--negative-prompt", help="what to steer away from (--pipeline)")
+    sample.add_argument("--height", type=positive_int, help="image height (--pipeline; default: the model's)")
+    sample.add_argument("--width", type=positive_int, help="image width (--pipeline; default: the model's)")
+    sample.add_argument("--num", type=positive_int, help="number of images (default: 20; --pipeline: 1)")
+    sample.add_argument(
+        "--sampler",
+        choices=("ddpm", "ddim", "pndm", "euler"),
+        help="checkpoints: ddpm or ddim (default); pipelines: ddim, pndm or euler (default: the folder's)",
+    )
     sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     sample.add_argument(
         "--class", dest="class_label", type=int, help="class to generate (conditional models)"
     )
     sample.add_argument(
-        "--guidance", type=float, help="classifier-free guidance scale (1: plain conditional)"
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (1: plain conditional; --pipeline default 7.5)",
     )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--raw-weights", action="store_true", help="use the training weights, not the EMA")

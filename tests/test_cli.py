@@ -115,7 +115,8 @@ def test_unknown_command_and_bad_choice_are_usage_errors(capsys):
 
 def test_parser_defaults():
     args = build_parser().parse_args(["sample", "--checkpoint", "c", "--out", "x.png"])
-    assert (args.sampler, args.num, args.eta, args.seed, args.raw_weights) == ("ddim", 20, 0.0, 0, False)
+    # sampler and num default by mode (checkpoints: ddim and 20 images; pipelines: the folder's and 1)
+    assert (args.sampler, args.num, args.eta, args.seed, args.raw_weights) == (None, None, 0.0, 0, False)
 
 
 def test_info(capsys):
