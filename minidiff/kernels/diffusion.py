@@ -17,7 +17,7 @@ Rounding: coefficients are rounded to the data's dtype, then every product and s
 dtype in the order written above, as the NumPy statements of the samplers and of q_sample did; the
 fast versions round the same way (no fused multiply-add), so they agree with the reference to the
 bit. The loss is the exception: it is summed in float64, the fast versions over chunks of
-``CHUNK`` elements (each in vector lanes, an order fixed for a build and a CPU) whose sums are
+``_cpu.CHUNK`` elements (each in vector lanes, an order fixed for a build and a CPU) whose sums are
 added in order, so it does not depend on the number of threads; it agrees with the reference to
 float64 rounding. Division by zero gives inf or NaN, as in NumPy, in every version.
 
@@ -28,7 +28,8 @@ float64 per block (a tree in shared memory, a fixed order) and the block sums ad
 
 Four implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU, for
 q_sample and the loss the C++ extension (kernels/diffusion.cpp), and Numba CUDA for CuPy arrays
-(grid-stride loops over the elements).
+(grid-stride loops over the elements). The sampler steps' math per element is written once and
+compiled for both Numba targets.
 """
 
 from __future__ import annotations
@@ -39,19 +40,12 @@ import numpy as np
 
 from minidiff.backend import get_array_module, to_device
 
-from . import _cuda
+from . import _cpu, _cuda
 from ._checks import FLOAT_DTYPES, float_dtype, same_shape
+from ._cpu import PARALLEL_MIN  # noqa: F401 (attention.py reads it here; the kernels read _cpu's)
 from ._cuda import BUFFER, block_sum
-from .machine import cuda, native, njit, prange
+from .machine import cuda, native, njit
 from .registry import register
-
-CHUNK = 4096  # elements per task of the elementwise kernels and per partial sum of the loss
-# Below this many elements the fast kernels here and in optim.py run on one thread: waking the
-# sleeping OpenMP workers (OMP_WAIT_POLICY=PASSIVE, see registry.py) costs more than a pass over
-# data that sits in the cache takes. Measured on a 2-core machine with a 32 MiB cache: q_sample
-# of 393,216 float32 values 49 us on one thread, 76 us on two; of 1,572,864 values 179 and 146 us.
-# Read at every call, so benchmarks and tests may change it.
-PARALLEL_MIN = 1 << 20
 
 
 def _flat(a):
@@ -203,24 +197,49 @@ def ddim_step_reference(
     return x_prev if noise is None else x_prev + sg * noise
 
 
+# -- one element of the sampler steps, compiled for the CPU and for CUDA ---------------------
+#
+# Plain functions of numbers, in the data's dtype (sc: the scalars of the step, rounded to it),
+# compiled as inlined Numba CPU functions (the spans below) and as CUDA device functions (the
+# kernels of the last section).
+
+
+def _ddpm(x_t, x0, noise, sc, clip, has_noise):
+    c0, ct, sg, one = sc  # coef_x0, coef_xt, sigma, 1
+    if clip:
+        if x0 < -one:  # NaN compares false both ways and stays NaN, as with np.clip
+            x0 = -one
+        elif x0 > one:
+            x0 = one
+    r = c0 * x0 + ct * x_t
+    if has_noise:
+        r = r + sg * noise
+    return r
+
+
+def _ddim(x_t, eps, x0, noise, sc, clip, has_noise):
+    a, s, ap, dr, sg, one = sc  # sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma, 1
+    if clip:
+        if x0 < -one:
+            x0 = -one
+        elif x0 > one:
+            x0 = one
+        eps = (x_t - a * x0) / s
+    r = ap * x0 + dr * eps
+    if has_noise:
+        r = r + sg * noise
+    return r
+
+
+_ddpm_cpu, _ddpm_device = njit(inline="always")(_ddpm), cuda.jit(device=True)(_ddpm)
+_ddim_cpu, _ddim_device = njit(inline="always")(_ddim), cuda.jit(device=True)(_ddim)
+
+
 # -- Numba CPU -------------------------------------------------------------------------------
 #
-# Each kernel is a span function (the formula over whole flat arrays), run by two drivers: a
-# serial one on the whole arrays and a parallel one on slices of CHUNK elements (a prange).
-# Two drivers rather than one function compiled twice: Numba's cache does not tell a parallel
-# and a serial compilation apart. Spans loop over range(n) of slices, never over range(lo, hi)
-# of whole arrays: Numba cannot tell that such an index is never negative and keeps a
-# wraparound check on every access, which stops LLVM from vectorizing (6x slower).
-# Scalars arrive as a tuple of floats (cheap for Numba's dispatcher) and are rounded to the
-# data's dtype by _rounded, so that the arithmetic stays in that dtype.
-
-
-@njit(cache=True, error_model="numpy")
-def _rounded(scalars, like):
-    out = np.empty(len(scalars), like.dtype)
-    for i in range(len(scalars)):
-        out[i] = scalars[i]
-    return out
+# Span functions over elements lo..hi of the flat arrays (q_sample: over rows lo..hi, one per
+# sample), run by the drivers of _cpu.py. The scalars arrive as Python floats and are rounded to
+# the data's dtype before the loop. noise=None is passed as has_noise=False with x_t in its place.
 
 
 @njit(cache=True, error_model="numpy")
@@ -239,36 +258,19 @@ def _q_sample_coefficients(sqrt_abar, sqrt_one_minus_abar, t, like):
     return a, s, -1
 
 
-@njit(cache=True, error_model="numpy")
-def _q_sample_row(x0, noise, a, s, out):
-    for k in range(out.size):
-        out[k] = a * x0[k] + s * noise[k]
+def _q_sample_span(lo, hi, x0, noise, a, s, M, out):
+    for n in range(lo, hi):  # rows: row n is sample n
+        start, stop = n * M, (n + 1) * M
+        x0_n, noise_n, out_n = x0[start:stop], noise[start:stop], out[start:stop]
+        an, sn = a[n], s[n]
+        for k in range(out_n.size):
+            out_n[k] = an * x0_n[k] + sn * noise_n[k]
 
 
-@njit(cache=True, error_model="numpy")
-def _q_sample_serial(x0, noise, sqrt_abar, sqrt_one_minus_abar, t, M, out):
-    a, s, bad = _q_sample_coefficients(sqrt_abar, sqrt_one_minus_abar, t, out)
-    if bad < 0:
-        for n in range(t.size):
-            lo, hi = n * M, (n + 1) * M
-            _q_sample_row(x0[lo:hi], noise[lo:hi], a[n], s[n], out[lo:hi])
-    return bad
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _q_sample_parallel(x0, noise, sqrt_abar, sqrt_one_minus_abar, t, M, out):
-    a, s, bad = _q_sample_coefficients(sqrt_abar, sqrt_one_minus_abar, t, out)
-    if bad < 0:
-        for n in prange(t.size):
-            lo, hi = n * M, (n + 1) * M
-            _q_sample_row(x0[lo:hi], noise[lo:hi], a[n], s[n], out[lo:hi])
-    return bad
-
-
-@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _squared_error_span(pred, target):
-    """float64 sum of (pred - target)^2. "reassoc" (and nothing else of fastmath: NaN and inf
-    still propagate) lets LLVM split the sum into vector lanes, 3x faster."""
+def _squared_error_span(lo, hi, pred, target):
+    """float64 sum of (pred - target)^2 over lo..hi. "reassoc" (and nothing else of fastmath:
+    NaN and inf still propagate) lets LLVM split the sum into vector lanes."""
+    pred, target = pred[lo:hi], target[lo:hi]
     total = 0.0
     for i in range(pred.size):
         d = np.float64(pred[i]) - np.float64(target[i])
@@ -276,119 +278,49 @@ def _squared_error_span(pred, target):
     return total
 
 
-@njit(cache=True, error_model="numpy")
-def _squared_error_serial(pred, target):
-    n = pred.size
-    total = 0.0
-    for c in range((n + CHUNK - 1) // CHUNK):
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        total += _squared_error_span(pred[lo:hi], target[lo:hi])
-    return total
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _squared_error_parallel(pred, target):
-    n = pred.size
-    chunks = (n + CHUNK - 1) // CHUNK
-    partial = np.empty(chunks)
-    for c in prange(chunks):
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        partial[c] = _squared_error_span(pred[lo:hi], target[lo:hi])
-    total = 0.0
-    for c in range(chunks):  # in order: the same sum as the serial driver
-        total += partial[c]
-    return total
-
-
-@njit(cache=True, error_model="numpy")
-def _scaled_difference_span(pred, target, scale, out):
+def _scaled_difference_span(lo, hi, pred, target, scale, out):
+    pred, target, out = pred[lo:hi], target[lo:hi], out[lo:hi]
+    sc = out.dtype.type(scale)
     for i in range(out.size):
-        out[i] = (pred[i] - target[i]) * scale
+        out[i] = (pred[i] - target[i]) * sc
 
 
-@njit(cache=True, error_model="numpy")
-def _scaled_difference_serial(pred, target, scalars, out):
-    _scaled_difference_span(pred, target, _rounded(scalars, out)[0], out)
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _scaled_difference_parallel(pred, target, scalars, out):
-    scale = _rounded(scalars, out)[0]
-    n = out.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        _scaled_difference_span(pred[lo:hi], target[lo:hi], scale, out[lo:hi])
-
-
-@njit(cache=True, error_model="numpy")
-def _ddpm_span(x_t, x0, noise, sc, clip, out):
-    # sc = (coef_x0, coef_xt, sigma, 1) in the data's dtype
-    c0, ct, sg, one = sc[0], sc[1], sc[2], sc[3]
+def _ddpm_span(lo, hi, x_t, x0, noise, coef_x0, coef_xt, sigma, clip, has_noise, out):
+    x_t, x0, noise, out = x_t[lo:hi], x0[lo:hi], noise[lo:hi], out[lo:hi]
+    f = out.dtype.type
+    sc = (f(coef_x0), f(coef_xt), f(sigma), f(1.0))
     for i in range(out.size):
-        v = x0[i]
-        if clip:
-            if v < -one:  # NaN compares false both ways and stays NaN, as with np.clip
-                v = -one
-            elif v > one:
-                v = one
-        r = c0 * v + ct * x_t[i]
-        if noise is not None:  # resolved when compiling: None is a type of its own
-            r = r + sg * noise[i]
-        out[i] = r
+        out[i] = _ddpm_cpu(x_t[i], x0[i], noise[i], sc, clip, has_noise)
 
 
-@njit(cache=True, error_model="numpy")
-def _ddpm_serial(x_t, x0, noise, scalars, clip, out):
-    _ddpm_span(x_t, x0, noise, _rounded(scalars, out), clip, out)
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _ddpm_parallel(x_t, x0, noise, scalars, clip, out):
-    sc = _rounded(scalars, out)
-    n = out.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        if noise is None:
-            _ddpm_span(x_t[lo:hi], x0[lo:hi], None, sc, clip, out[lo:hi])
-        else:
-            _ddpm_span(x_t[lo:hi], x0[lo:hi], noise[lo:hi], sc, clip, out[lo:hi])
-
-
-@njit(cache=True, error_model="numpy")
-def _ddim_span(x_t, eps, x0, noise, sc, clip, out):
-    # sc = (sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma, 1) in the dtype
-    a, s, ap, dr, sg, one = sc[0], sc[1], sc[2], sc[3], sc[4], sc[5]
+def _ddim_span(
+    lo,
+    hi,
+    x_t,
+    eps,
+    x0,
+    noise,
+    sqrt_abar,
+    sqrt_one_minus_abar,
+    sqrt_abar_prev,
+    direction,
+    sigma,
+    clip,
+    has_noise,
+    out,
+):
+    x_t, eps, x0, noise, out = x_t[lo:hi], eps[lo:hi], x0[lo:hi], noise[lo:hi], out[lo:hi]
+    f = out.dtype.type
+    sc = (f(sqrt_abar), f(sqrt_one_minus_abar), f(sqrt_abar_prev), f(direction), f(sigma), f(1.0))
     for i in range(out.size):
-        v = x0[i]
-        if clip:
-            if v < -one:
-                v = -one
-            elif v > one:
-                v = one
-            e = (x_t[i] - a * v) / s
-        else:
-            e = eps[i]
-        r = ap * v + dr * e
-        if noise is not None:
-            r = r + sg * noise[i]
-        out[i] = r
+        out[i] = _ddim_cpu(x_t[i], eps[i], x0[i], noise[i], sc, clip, has_noise)
 
 
-@njit(cache=True, error_model="numpy")
-def _ddim_serial(x_t, eps, x0, noise, scalars, clip, out):
-    _ddim_span(x_t, eps, x0, noise, _rounded(scalars, out), clip, out)
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _ddim_parallel(x_t, eps, x0, noise, scalars, clip, out):
-    sc = _rounded(scalars, out)
-    n = out.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        if noise is None:
-            _ddim_span(x_t[lo:hi], eps[lo:hi], x0[lo:hi], None, sc, clip, out[lo:hi])
-        else:
-            _ddim_span(x_t[lo:hi], eps[lo:hi], x0[lo:hi], noise[lo:hi], sc, clip, out[lo:hi])
+_Q_SAMPLE = _cpu.drivers(_q_sample_span, chunk=1)  # a sample per task
+_SQUARED_ERROR = _cpu.sum_drivers(_squared_error_span, fastmath={"reassoc"})
+_SCALED_DIFFERENCE = _cpu.drivers(_scaled_difference_span)
+_DDPM = _cpu.drivers(_ddpm_span)
+_DDIM = _cpu.drivers(_ddim_span)
 
 
 def _timesteps(t):
@@ -397,6 +329,12 @@ def _timesteps(t):
 
 def _row_size(x):
     return x.size // x.shape[0] if x.shape[0] else 0
+
+
+def _noise_or(noise, x_t):
+    """``(noise, has_noise)`` for the sampler kernels: x_t stands in for a missing noise (its
+    term is left out)."""
+    return (x_t, False) if noise is None else (_flat(noise), True)
 
 
 def _mean_of_sum(total, size, dtype):
@@ -412,26 +350,19 @@ def _mean_of_sum(total, size, dtype):
 def q_sample_numba(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     t = _check_q_sample(x0, noise, sqrt_abar, sqrt_one_minus_abar, t)
     out = np.empty(x0.shape, x0.dtype)
-    kernel = _q_sample_parallel if x0.size >= PARALLEL_MIN else _q_sample_serial
-    bad = kernel(
-        _flat(x0),
-        _flat(noise),
-        np.ascontiguousarray(sqrt_abar),
-        np.ascontiguousarray(sqrt_one_minus_abar),
-        _timesteps(t),
-        _row_size(x0),
-        out.ravel(),
-    )
+    tables = np.ascontiguousarray(sqrt_abar), np.ascontiguousarray(sqrt_one_minus_abar)
+    a, s, bad = _q_sample_coefficients(*tables, _timesteps(t), out)
     if bad >= 0:
         raise _timestep_error(t, sqrt_abar.size)
+    _Q_SAMPLE.pick(x0.size)(t.size, _flat(x0), _flat(noise), a, s, _row_size(x0), out.ravel())
     return out
 
 
 @register("mse_loss_forward", "numba")
 def mse_loss_forward_numba(pred, target):
     _check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
-    kernel = _squared_error_parallel if pred.size >= PARALLEL_MIN else _squared_error_serial
-    return _mean_of_sum(kernel(_flat(pred), _flat(target)), pred.size, pred.dtype)
+    total = _SQUARED_ERROR.pick(pred.size)(pred.size, _flat(pred), _flat(target))
+    return _mean_of_sum(total, pred.size, pred.dtype)
 
 
 @register("mse_loss_backward", "numba")
@@ -441,8 +372,7 @@ def mse_loss_backward_numba(pred, target, gloss):
         return np.empty(pred.shape, pred.dtype)
     scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
     out = np.empty(pred.shape, pred.dtype)
-    kernel = _scaled_difference_parallel if pred.size >= PARALLEL_MIN else _scaled_difference_serial
-    kernel(_flat(pred), _flat(target), (scale,), out.ravel())
+    _SCALED_DIFFERENCE.pick(pred.size)(pred.size, _flat(pred), _flat(target), scale, out.ravel())
     return out
 
 
@@ -450,15 +380,10 @@ def mse_loss_backward_numba(pred, target, gloss):
 def ddpm_step_numba(x_t, x0_pred, noise, coef_x0, coef_xt, sigma, clip=False):
     dtype = _check_arrays("ddpm_step", ("x_t", "x0_pred", "noise"), x_t, x0_pred, noise)
     out = np.empty(x_t.shape, dtype)
-    kernel = _ddpm_parallel if x_t.size >= PARALLEL_MIN else _ddpm_serial
-    kernel(
-        _flat(x_t),
-        _flat(x0_pred),
-        None if noise is None else _flat(noise),
-        (float(coef_x0), float(coef_xt), float(sigma), 1.0),
-        bool(clip),
-        out.ravel(),
-    )
+    x_t = _flat(x_t)
+    noise, has_noise = _noise_or(noise, x_t)
+    scalars = (float(coef_x0), float(coef_xt), float(sigma))
+    _DDPM.pick(out.size)(out.size, x_t, _flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
     return out
 
 
@@ -468,17 +393,11 @@ def ddim_step_numba(
 ):
     dtype = _check_arrays("ddim_step", ("x_t", "eps", "x0_pred", "noise"), x_t, eps, x0_pred, noise)
     out = np.empty(x_t.shape, dtype)
-    kernel = _ddim_parallel if x_t.size >= PARALLEL_MIN else _ddim_serial
-    scalars = (float(sqrt_abar), float(sqrt_one_minus_abar), float(sqrt_abar_prev), float(direction))
-    kernel(
-        _flat(x_t),
-        _flat(eps),
-        _flat(x0_pred),
-        None if noise is None else _flat(noise),
-        (*scalars, float(sigma), 1.0),
-        bool(clip),
-        out.ravel(),
-    )
+    x_t = _flat(x_t)
+    noise, has_noise = _noise_or(noise, x_t)
+    scalars = map(float, (sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma))
+    args = (x_t, _flat(eps), _flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
+    _DDIM.pick(out.size)(out.size, *args)
     return out
 
 
@@ -495,7 +414,7 @@ def q_sample_native(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
             np.ascontiguousarray(sqrt_abar),
             np.ascontiguousarray(sqrt_one_minus_abar),
             _timesteps(t),
-            x0.size >= PARALLEL_MIN,
+            x0.size >= _cpu.PARALLEL_MIN,
         )
     except ValueError as exc:
         if "timesteps" in str(exc):
@@ -507,7 +426,7 @@ def q_sample_native(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
 @register("mse_loss_forward", "native")
 def mse_loss_forward_native(pred, target):
     _check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
-    total = native.squared_error_sum(_flat(pred), _flat(target), pred.size >= PARALLEL_MIN)
+    total = native.squared_error_sum(_flat(pred), _flat(target), pred.size >= _cpu.PARALLEL_MIN)
     return _mean_of_sum(total, pred.size, pred.dtype)
 
 
@@ -517,7 +436,7 @@ def mse_loss_backward_native(pred, target, gloss):
     if not pred.size:
         return np.empty(pred.shape, pred.dtype)
     scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
-    out = native.scaled_difference(_flat(pred), _flat(target), scale, pred.size >= PARALLEL_MIN)
+    out = native.scaled_difference(_flat(pred), _flat(target), scale, pred.size >= _cpu.PARALLEL_MIN)
     return out.reshape(pred.shape)
 
 
@@ -526,16 +445,7 @@ def mse_loss_backward_native(pred, target, gloss):
 # Elementwise kernels over flat C-contiguous arrays; the scalars arrive as NumPy scalars of the
 # data's dtype (_cuda.device_scalars), so every product and sum is done in that dtype, in the
 # order written in the module doc. noise=None is passed as has_noise=False with x_t in its place.
-
-
-@cuda.jit(device=True)
-def _clip_unit(v, one):
-    """v clipped to [-one, one]; NaN compares false both ways and stays NaN, as with np.clip."""
-    if v < -one:
-        return -one
-    if v > one:
-        return one
-    return v
+# The sampler steps run the device functions of the section "one element of the sampler steps".
 
 
 @cuda.jit(cache=True)
@@ -582,27 +492,17 @@ def _scaled_difference_cuda(pred, target, scale, out):
 @cuda.jit(cache=True)
 def _ddpm_cuda(x_t, x0, noise, c0, ct, sg, one, clip, has_noise, out):
     # grid-stride loop over the elements
+    sc = (c0, ct, sg, one)
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        v = _clip_unit(x0[i], one) if clip else x0[i]
-        r = c0 * v + ct * x_t[i]
-        if has_noise:
-            r = r + sg * noise[i]
-        out[i] = r
+        out[i] = _ddpm_device(x_t[i], x0[i], noise[i], sc, clip, has_noise)
 
 
 @cuda.jit(cache=True)
 def _ddim_cuda(x_t, eps, x0, noise, a, s, ap, dr, sg, one, clip, has_noise, out):
     # grid-stride loop over the elements
+    sc = (a, s, ap, dr, sg, one)
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        v = x0[i]
-        e = eps[i]
-        if clip:
-            v = _clip_unit(v, one)
-            e = (x_t[i] - a * v) / s
-        r = ap * v + dr * e
-        if has_noise:
-            r = r + sg * noise[i]
-        out[i] = r
+        out[i] = _ddim_device(x_t[i], eps[i], x0[i], noise[i], sc, clip, has_noise)
 
 
 @register("q_sample", "cuda")
@@ -659,9 +559,8 @@ def ddpm_step_cuda(x_t, x0_pred, noise, coef_x0, coef_xt, sigma, clip=False):
     xp = get_array_module(x_t)
     out = xp.empty(x_t.shape, dtype)
     scalars = _cuda.device_scalars(dtype, coef_x0, coef_xt, sigma, 1.0)
-    has_noise = noise is not None
     x_t = _flat(x_t)
-    noise = _flat(noise) if has_noise else x_t  # not read without noise
+    noise, has_noise = _noise_or(noise, x_t)
     args = (x_t, _flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
     _cuda.launch_elementwise(_ddpm_cuda, out.size, *args)
     return out
@@ -675,9 +574,8 @@ def ddim_step_cuda(
     xp = get_array_module(x_t)
     out = xp.empty(x_t.shape, dtype)
     scalars = (sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma, 1.0)
-    has_noise = noise is not None
     x_t = _flat(x_t)
-    noise = _flat(noise) if has_noise else x_t  # not read without noise
+    noise, has_noise = _noise_or(noise, x_t)
     args = (x_t, _flat(eps), _flat(x0_pred), noise, *_cuda.device_scalars(dtype, *scalars))
     _cuda.launch_elementwise(_ddim_cuda, out.size, *args, bool(clip), has_noise, out.ravel())
     return out

@@ -26,10 +26,10 @@ Three implementations: the reference (``xp`` code), Numba CPU and Numba CUDA for
 (grid-stride loops over the elements, in place). The CUDA kernels take the scalars in the
 arrays' dtype too, but the CUDA compiler contracts products and sums into fused multiply-adds,
 so they agree with the reference to about one rounding of the dtype rather than to the bit.
+The per-element math of Adam and EMA is written once and compiled for both Numba targets.
 There is no native one: an optimizer step calls the kernel once per parameter array, mostly
 small ones, where a pybind11 call costs more than a Numba one; and GCC vectorizes the square root
-only with -fno-math-errno, which the build does not set, so a C++ Adam ran at half the speed of
-the Numba one.
+only with -fno-math-errno, which the build does not set.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ import numpy as np
 
 from minidiff.backend import get_array_module
 
-from . import _cuda, diffusion
+from . import _cpu, _cuda
 from ._checks import FLOAT_DTYPES
-from .diffusion import CHUNK, _check_arrays, _flat, _rounded
-from .machine import cuda, njit, prange
+from .diffusion import _check_arrays, _flat
+from .machine import cuda, njit
 from .registry import register
 
 
@@ -147,62 +147,57 @@ def ema_update_reference(shadow, param, decay):
     shadow += omd * param
 
 
-# -- Numba CPU (the drivers as in diffusion.py: spans over slices, serial or prange) ---------
+# -- one element of each update, compiled for the CPU and for CUDA ---------------------------
+#
+# Plain functions of numbers in the arrays' dtype (sc: the scalars of the update, rounded to it),
+# compiled as inlined Numba CPU functions (the spans below) and as CUDA device functions (the
+# kernels of the last section).
 
 
-@njit(cache=True, error_model="numpy")
-def _adam_span(param, grad, m, v, sc, use_l2, use_shrink):
-    # sc = (beta1, 1 - beta1, beta2, 1 - beta2, step_size, eps_hat, l2, shrink) in the dtype
-    b1, omb1, b2, omb2 = sc[0], sc[1], sc[2], sc[3]
-    step_size, eps_hat, l2, shrink = sc[4], sc[5], sc[6], sc[7]
+def _adam(p, g, m, v, sc, use_l2, use_shrink):
+    """``(param, m, v)`` after one step of the element."""
+    b1, omb1, b2, omb2, step_size, eps_hat, l2, shrink = sc
+    if use_l2:
+        g = g + l2 * p
+    m = m * b1 + omb1 * g
+    v = v * b2 + omb2 * (g * g)
+    if use_shrink:
+        p = p * shrink
+    # math.sqrt keeps float32 under Numba (on both targets)
+    return p - (step_size * m) / (math.sqrt(v) + eps_hat), m, v
+
+
+def _ema(shadow, param, d, omd):
+    return shadow * d + omd * param
+
+
+_adam_cpu, _adam_device = njit(inline="always")(_adam), cuda.jit(device=True)(_adam)
+_ema_cpu, _ema_device = njit(inline="always")(_ema), cuda.jit(device=True)(_ema)
+
+
+# -- Numba CPU: span functions over elements lo..hi, run by the drivers of _cpu.py -----------
+
+
+def _adam_span(
+    lo, hi, param, grad, m, v, b1, omb1, b2, omb2, step_size, eps_hat, l2, shrink, use_l2, use_shrink
+):
+    param, grad, m, v = param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi]
+    f = param.dtype.type  # the scalars, Python floats, rounded to the arrays' dtype
+    sc = (f(b1), f(omb1), f(b2), f(omb2), f(step_size), f(eps_hat), f(l2), f(shrink))
     for i in range(param.size):
-        g = grad[i]
-        if use_l2:
-            g = g + l2 * param[i]
-        mi = m[i] * b1 + omb1 * g
-        vi = v[i] * b2 + omb2 * (g * g)
-        m[i] = mi
-        v[i] = vi
-        p = param[i]
-        if use_shrink:
-            p = p * shrink
-        # np.sqrt keeps float32; error_model="numpy": x / 0 is inf, as in NumPy, not an exception
-        param[i] = p - (step_size * mi) / (np.sqrt(vi) + eps_hat)
+        param[i], m[i], v[i] = _adam_cpu(param[i], grad[i], m[i], v[i], sc, use_l2, use_shrink)
 
 
-@njit(cache=True, error_model="numpy")
-def _adam_serial(param, grad, m, v, scalars, use_l2, use_shrink):
-    _adam_span(param, grad, m, v, _rounded(scalars, param), use_l2, use_shrink)
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _adam_parallel(param, grad, m, v, scalars, use_l2, use_shrink):
-    sc = _rounded(scalars, param)
-    n = param.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        _adam_span(param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi], sc, use_l2, use_shrink)
-
-
-@njit(cache=True, error_model="numpy")
-def _ema_span(shadow, param, d, omd):
+def _ema_span(lo, hi, shadow, param, decay, one_minus_decay):
+    shadow, param = shadow[lo:hi], param[lo:hi]
+    f = shadow.dtype.type
+    d, omd = f(decay), f(one_minus_decay)
     for i in range(shadow.size):
-        shadow[i] = shadow[i] * d + omd * param[i]
+        shadow[i] = _ema_cpu(shadow[i], param[i], d, omd)
 
 
-@njit(cache=True, error_model="numpy")
-def _ema_serial(shadow, param, scalars):
-    sc = _rounded(scalars, shadow)
-    _ema_span(shadow, param, sc[0], sc[1])
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _ema_parallel(shadow, param, scalars):
-    sc = _rounded(scalars, shadow)
-    n = shadow.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        _ema_span(shadow[lo:hi], param[lo:hi], sc[0], sc[1])
+_ADAM = _cpu.drivers(_adam_span)
+_EMA = _cpu.drivers(_ema_span)
 
 
 @register("adam_update", "numba")
@@ -210,16 +205,16 @@ def adam_update_numba(param, grad, m, v, lr, beta1, beta2, eps, step, weight_dec
     scalars, use_l2, use_shrink = _adam_scalars(
         param, grad, m, v, lr, beta1, beta2, eps, step, weight_decay, decoupled
     )
-    kernel = _adam_parallel if param.size >= diffusion.PARALLEL_MIN else _adam_serial
     # ravel() of a C-contiguous array is a view: the kernel writes into the caller's arrays
-    kernel(param.ravel(), _flat(grad), m.ravel(), v.ravel(), scalars, use_l2, use_shrink)
+    _ADAM.pick(param.size)(
+        param.size, param.ravel(), _flat(grad), m.ravel(), v.ravel(), *scalars, use_l2, use_shrink
+    )
 
 
 @register("ema_update", "numba")
 def ema_update_numba(shadow, param, decay):
     scalars = _check_ema(shadow, param, decay)
-    kernel = _ema_parallel if shadow.size >= diffusion.PARALLEL_MIN else _ema_serial
-    kernel(shadow.ravel(), _flat(param), scalars)
+    _EMA.pick(shadow.size)(shadow.size, shadow.ravel(), _flat(param), *scalars)
 
 
 # -- Numba CUDA ------------------------------------------------------------------------------
@@ -228,25 +223,16 @@ def ema_update_numba(shadow, param, decay):
 @cuda.jit(cache=True)
 def _adam_cuda(param, grad, m, v, b1, omb1, b2, omb2, step_size, eps_hat, l2, shrink, use_l2, use_shrink):
     # grid-stride loop over the elements, updating param, m and v in place
+    sc = (b1, omb1, b2, omb2, step_size, eps_hat, l2, shrink)
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
-        g = grad[i]
-        if use_l2:
-            g = g + l2 * param[i]
-        mi = m[i] * b1 + omb1 * g
-        vi = v[i] * b2 + omb2 * (g * g)
-        m[i] = mi
-        v[i] = vi
-        p = param[i]
-        if use_shrink:
-            p = p * shrink
-        param[i] = p - (step_size * mi) / (math.sqrt(vi) + eps_hat)  # float32 sqrt for float32
+        param[i], m[i], v[i] = _adam_device(param[i], grad[i], m[i], v[i], sc, use_l2, use_shrink)
 
 
 @cuda.jit(cache=True)
 def _ema_cuda(shadow, param, d, omd):
     # grid-stride loop over the elements, updating shadow in place
     for i in range(cuda.grid(1), shadow.size, cuda.gridsize(1)):
-        shadow[i] = shadow[i] * d + omd * param[i]
+        shadow[i] = _ema_device(shadow[i], param[i], d, omd)
 
 
 @register("adam_update", "cuda")

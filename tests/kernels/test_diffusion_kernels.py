@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kernel_params import CPU_IMPLEMENTATIONS, impls, make_array
 
 from minidiff import kernels
-from minidiff.kernels import diffusion as kd
+from minidiff.kernels import _cpu
 from minidiff.testing import tolerance
 
 DTYPES = (np.float32, np.float64)
@@ -28,12 +28,12 @@ def reference(op):
 @contextlib.contextmanager
 def threads(parallel):
     """Force the parallel (every size) or the serial (no size) driver of the fast kernels."""
-    saved = kd.PARALLEL_MIN
-    kd.PARALLEL_MIN = 0 if parallel else 1 << 62
+    saved = _cpu.PARALLEL_MIN
+    _cpu.PARALLEL_MIN = 0 if parallel else 1 << 62
     try:
         yield
     finally:
-        kd.PARALLEL_MIN = saved
+        _cpu.PARALLEL_MIN = saved
 
 
 def close(actual, expected, dtype):
@@ -148,7 +148,7 @@ def mse_cases(draw):
     """pred, target (any shape, long ones spanning several CHUNKs included) and gloss."""
     rng, shape, dtype, layout = draw(cases(min_dims=0))
     if draw(st.booleans()):
-        shape = (draw(st.integers(1, 3 * kd.CHUNK + 7)),)
+        shape = (draw(st.integers(1, 3 * _cpu.CHUNK + 7)),)
         layout = draw(st.sampled_from(["contiguous", "strided"]))
     pred = make_array(rng, shape, dtype, layout, scale=draw(st.sampled_from([0.1, 1.0, 10.0])))
     target = make_array(rng, shape, dtype, layout)
@@ -183,7 +183,7 @@ def test_mse_matches_the_reference(name, op, parallel, case):
 def test_mse_sum_does_not_depend_on_the_threads(impl):
     """The loss is summed over fixed chunks, in order: serial and parallel agree to the bit."""
     rng = np.random.default_rng(1)
-    for n in (1, 5, kd.CHUNK - 1, kd.CHUNK, 7 * kd.CHUNK + 3):
+    for n in (1, 5, _cpu.CHUNK - 1, _cpu.CHUNK, 7 * _cpu.CHUNK + 3):
         pred, target = rng.standard_normal(n), rng.standard_normal(n)
         with threads(False):
             serial = impl(pred, target)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kernel_params import impls
 
 from minidiff import kernels
-from minidiff.kernels import diffusion as kd
+from minidiff.kernels import _cpu
 from minidiff.nn import Parameter
 from minidiff.optim import EMA, Adam, AdamW
 from minidiff.testing import tolerance
@@ -25,12 +25,12 @@ FAST = ("numba", "native")
 @contextlib.contextmanager
 def threads(parallel):
     """Force the parallel (every size) or the serial (no size) driver of the fast kernels."""
-    saved = kd.PARALLEL_MIN
-    kd.PARALLEL_MIN = 0 if parallel else 1 << 62
+    saved = _cpu.PARALLEL_MIN
+    _cpu.PARALLEL_MIN = 0 if parallel else 1 << 62
     try:
         yield
     finally:
-        kd.PARALLEL_MIN = saved
+        _cpu.PARALLEL_MIN = saved
 
 
 def close(actual, expected, dtype):
