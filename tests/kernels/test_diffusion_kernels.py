@@ -309,13 +309,15 @@ def test_steps_reject_bad_inputs(name, op):
 # -- bit for bit what gaussian.py and the samplers did before the kernels --------------------------
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (4, 3, 33, 33)], ids=["one chunk", "several chunks"])
 @pytest.mark.parametrize("name", ["reference", "numba"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_q_sample_and_steps_are_bit_for_bit_the_previous_numpy_code(name, dtype):
+def test_q_sample_and_steps_are_bit_for_bit_the_previous_numpy_code(name, dtype, shape, parallel):
     """Coefficients rounded to the dtype as the (N, 1, 1, 1) coefficient arrays were, operations in
-    the same order, no fused multiply-add (the native build may contract on some CPUs)."""
+    the same order, no fused multiply-add (the native build may contract on some CPUs); with either
+    driver, over one chunk or several with a ragged end."""
     rng = np.random.default_rng(0)
-    shape = (4, 3, 5, 5)
     x0, noise, x_t, eps = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
     x0_pred = 2 * x0
     a, s = schedule(rng, 50)
@@ -324,18 +326,23 @@ def test_q_sample_and_steps_are_bit_for_bit_the_previous_numpy_code(name, dtype)
     impl = kernels.implementations("q_sample").get(name)
     if impl is None:
         pytest.skip(f"no {name} version")
-    np.testing.assert_array_equal(impl(x0, noise, a, s, t), col(a[t]) * x0 + col(s[t]) * noise)
+    with threads(parallel):
+        out = impl(x0, noise, a, s, t)
+    np.testing.assert_array_equal(out, col(a[t]) * x0 + col(s[t]) * noise)
 
     c0, ct, sigma = 0.3, 0.6, 0.1
     clipped = np.clip(x0_pred, -1, 1)
     previous = col([c0] * 4) * clipped + col([ct] * 4) * x_t + np.float64(sigma).astype(dtype) * noise
     ddpm = kernels.implementations("ddpm_step")[name]
-    np.testing.assert_array_equal(ddpm(x_t, x0_pred, noise, c0, ct, sigma, clip=True), previous)
+    with threads(parallel):
+        out = ddpm(x_t, x0_pred, noise, c0, ct, sigma, clip=True)
+    np.testing.assert_array_equal(out, previous)
 
     a_t, a_prev, direction = 0.49, 0.64, 0.5
     sa, ss, sp = np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_prev)  # float64, as in ddim_sample
     eps_clipped = (x_t - col([sa] * 4) * clipped) / col([ss] * 4)  # diffusion.eps_from_x0
     previous = sp.astype(dtype) * clipped + np.float64(direction).astype(dtype) * eps_clipped
     ddim = kernels.implementations("ddim_step")[name]
-    out = ddim(x_t, eps, x0_pred, None, sa, ss, sp, direction, 0.0, clip=True)
+    with threads(parallel):
+        out = ddim(x_t, eps, x0_pred, None, sa, ss, sp, direction, 0.0, clip=True)
     np.testing.assert_array_equal(out, previous)

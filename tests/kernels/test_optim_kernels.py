@@ -5,6 +5,9 @@ change, non-contiguous gradients, and the arrays they refuse to update."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -290,35 +293,64 @@ def previous_adam_step(param, grad, m, v, lr, beta1, beta2, eps, step, weight_de
     param -= float(step_size) * m / (np.sqrt(v) + float(eps_hat))
 
 
+# sizes: one chunk of the Numba drivers, or several with a ragged end
+SIZES = pytest.mark.parametrize("n", [1000, 3 * _cpu.CHUNK + 5], ids=["one chunk", "several chunks"])
+PARALLEL = pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+
+
+@PARALLEL
+@SIZES
 @pytest.mark.parametrize("impl", impls("adam_update", ("reference", "numba")))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_decay, decoupled", [(0.0, False), (0.1, False), (0.1, True)])
-def test_adam_is_bit_for_bit_the_previous_numpy_code(impl, dtype, weight_decay, decoupled):
+def test_adam_is_bit_for_bit_the_previous_numpy_code(impl, dtype, weight_decay, decoupled, n, parallel):
     """Scalars rounded to the dtype, operations in the same order, no fused multiply-add: a float32
     model trains exactly as before (the native build may contract on some CPUs; it is not here)."""
     rng = np.random.default_rng(0)
-    param = rng.standard_normal(1000).astype(dtype)
-    ours = (param, np.zeros(1000, dtype), np.zeros(1000, dtype))  # param, m, v
+    param = rng.standard_normal(n).astype(dtype)
+    ours = (param, np.zeros(n, dtype), np.zeros(n, dtype))  # param, m, v
     theirs = tuple(a.copy() for a in ours)
     for step in range(1, 6):
-        grad = rng.standard_normal(1000).astype(dtype)
+        grad = rng.standard_normal(n).astype(dtype)
         hyper = (0.01, 0.9, 0.999, 1e-8, step, weight_decay, decoupled)
-        impl(ours[0], grad, ours[1], ours[2], *hyper)
+        with threads(parallel):
+            impl(ours[0], grad, ours[1], ours[2], *hyper)
         previous_adam_step(theirs[0], grad, theirs[1], theirs[2], *hyper)
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
+@PARALLEL
+@SIZES
 @pytest.mark.parametrize("impl", impls("ema_update", ("reference", "numba")))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ema_is_bit_for_bit_the_previous_numpy_code(impl, dtype):
+def test_ema_is_bit_for_bit_the_previous_numpy_code(impl, dtype, n, parallel):
     rng = np.random.default_rng(0)
-    ours = rng.standard_normal(1000).astype(dtype)
+    ours = rng.standard_normal(n).astype(dtype)
     theirs = ours.copy()
     for k in range(5):
-        param = rng.standard_normal(1000).astype(dtype)
+        param = rng.standard_normal(n).astype(dtype)
         d = min(0.999, (1 + k) / (10 + k))
-        impl(ours, param, d)
+        with threads(parallel):
+            impl(ours, param, d)
         theirs *= d
         theirs += (1 - d) * param
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.skipif(not kernels.available()["numba"][0], reason="numba is not installed")
+def test_a_new_process_finds_the_numba_drivers_in_the_cache(tmp_path):
+    """The drivers close over their span: the cache must key them on what a new process sees too."""
+    code = (
+        "import numpy as np\n"
+        "from minidiff.kernels import optim\n"
+        "optim.ema_update_numba(np.zeros(8, np.float32), np.ones(8, np.float32), 0.5)\n"
+        "stats = optim._EMA.serial.stats\n"
+        "print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = lambda: subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert run() == ["0", "1"]  # compiled, and saved
+    assert run() == ["1", "0"]  # loaded, not compiled again
