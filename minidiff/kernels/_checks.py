@@ -41,3 +41,24 @@ def same_shape(fn: str, **arrays) -> None:
     shapes = {name: a.shape for name, a in arrays.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"{fn}: shapes must match, got " + ", ".join(f"{k}={v}" for k, v in shapes.items()))
+
+
+def flat(a):
+    """``a`` as a C-contiguous 1-D array: a view when it is C-contiguous, else a copy."""
+    return a.ravel()
+
+
+def check_arrays(fn, names, *arrays):
+    """The dtype shared by ``arrays`` (named ``names``; None skipped), which must be float32 or
+    float64 and of one shape; TypeError or ValueError naming the arrays otherwise."""
+    dtype, shape = arrays[0].dtype, arrays[0].shape
+    if dtype in FLOAT_DTYPES:
+        for a in arrays:
+            if a is not None and (a.dtype != dtype or a.shape != shape):
+                break
+        else:
+            return dtype
+    named = {name: a for name, a in zip(names, arrays) if a is not None}
+    dtype = float_dtype(fn, **named)
+    same_shape(fn, **named)
+    return dtype

@@ -21,7 +21,7 @@ import numpy as np
 
 from minidiff.backend import get_array_module
 
-from . import _cuda, diffusion
+from . import _cpu, _cuda
 from ._checks import float_dtype, same_shape
 from ._cuda import BUFFER, block_max, block_sum
 from .machine import cuda, native, njit, prange
@@ -153,7 +153,7 @@ def softmax_backward_native(gy, y, axis=-1, scale=1.0):
     if rows is None:
         return softmax_backward_reference(gy, y, axis, scale)
     y_rows, gy_rows = rows
-    gx = native.softmax_backward(gy_rows, y_rows, float(scale), y.size >= diffusion.PARALLEL_MIN)
+    gx = native.softmax_backward(gy_rows, y_rows, float(scale), y.size >= _cpu.PARALLEL_MIN)
     return gx.reshape(y.shape)
 
 

@@ -41,17 +41,10 @@ import numpy as np
 from minidiff.backend import get_array_module, to_device
 
 from . import _cpu, _cuda
-from ._checks import FLOAT_DTYPES, float_dtype, same_shape
-from ._cpu import PARALLEL_MIN  # noqa: F401 (attention.py reads it here; the kernels read _cpu's)
+from ._checks import check_arrays, flat
 from ._cuda import BUFFER, block_sum
 from .machine import cuda, native, njit
 from .registry import register
-
-
-def _flat(a):
-    """``a`` as a C-contiguous 1-D array: a view when it is C-contiguous, else a copy."""
-    return a.ravel()
-
 
 # -- argument checks -------------------------------------------------------------------------
 #
@@ -61,26 +54,10 @@ def _flat(a):
 _FLOAT64 = np.dtype(np.float64)
 
 
-def _check_arrays(fn, names, *arrays):
-    """The dtype shared by ``arrays`` (named ``names``; None skipped), which must be float32 or
-    float64 and of one shape; TypeError or ValueError naming the arrays otherwise."""
-    dtype, shape = arrays[0].dtype, arrays[0].shape
-    if dtype in FLOAT_DTYPES:
-        for a in arrays:
-            if a is not None and (a.dtype != dtype or a.shape != shape):
-                break
-        else:
-            return dtype
-    named = {name: a for name, a in zip(names, arrays) if a is not None}
-    dtype = float_dtype(fn, **named)
-    same_shape(fn, **named)
-    return dtype
-
-
 def _check_q_sample(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     """Validate everything but the range of t; return t as a host integer array."""
     fn = "q_sample"
-    _check_arrays(fn, ("x0", "noise"), x0, noise)
+    check_arrays(fn, ("x0", "noise"), x0, noise)
     if not x0.ndim:
         raise ValueError(f"{fn}: x0 must have shape (N, ...), got {x0.shape}")
     if not (_is_table(sqrt_abar) and _is_table(sqrt_one_minus_abar)):
@@ -141,7 +118,7 @@ def q_sample_reference(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
 @register("mse_loss_forward", "reference")
 def mse_loss_forward_reference(pred, target):
     """``mean((pred - target)^2)`` computed in float64, returned as a 0-d array of pred's dtype."""
-    _check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
+    check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
     xp = get_array_module(pred)
     diff = pred.astype(xp.float64, copy=False) - target.astype(xp.float64, copy=False)
     return xp.asarray((diff * diff).sum() / diff.size, dtype=pred.dtype)
@@ -150,7 +127,7 @@ def mse_loss_forward_reference(pred, target):
 @register("mse_loss_backward", "reference")
 def mse_loss_backward_reference(pred, target, gloss):
     """Gradient wrt pred of the loss above: ``(pred - target) * (2 gloss / size)``, pred's dtype."""
-    _check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
+    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
     xp = get_array_module(pred)
     if not pred.size:
         return xp.empty(pred.shape, pred.dtype)
@@ -167,7 +144,7 @@ def mse_loss_backward_reference(pred, target, gloss):
 def ddpm_step_reference(x_t, x0_pred, noise, coef_x0, coef_xt, sigma, clip=False):
     """One DDPM step: ``coef_x0 x0 + coef_xt x_t + sigma noise`` (x0 clipped to [-1, 1] first
     when ``clip``; no noise term when noise is None). The coefficients are numbers."""
-    dtype = _check_arrays("ddpm_step", ("x_t", "x0_pred", "noise"), x_t, x0_pred, noise)
+    dtype = check_arrays("ddpm_step", ("x_t", "x0_pred", "noise"), x_t, x0_pred, noise)
     xp = get_array_module(x_t)
     c0, ct, sg = dtype.type(coef_x0), dtype.type(coef_xt), dtype.type(sigma)
     x0 = xp.clip(x0_pred, -1, 1) if clip else x0_pred
@@ -185,7 +162,7 @@ def ddim_step_reference(
     ``(x_t - sqrt_abar x0) / sqrt_one_minus_abar`` (sqrt_abar and sqrt_one_minus_abar, of the
     current step, are used only then). No noise term when noise is None.
     """
-    dtype = _check_arrays("ddim_step", ("x_t", "eps", "x0_pred", "noise"), x_t, eps, x0_pred, noise)
+    dtype = check_arrays("ddim_step", ("x_t", "eps", "x0_pred", "noise"), x_t, eps, x0_pred, noise)
     xp = get_array_module(x_t)
     scalars = (sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma)
     a, s, ap, dr, sg = (dtype.type(c) for c in scalars)
@@ -334,7 +311,7 @@ def _row_size(x):
 def _noise_or(noise, x_t):
     """``(noise, has_noise)`` for the sampler kernels: x_t stands in for a missing noise (its
     term is left out)."""
-    return (x_t, False) if noise is None else (_flat(noise), True)
+    return (x_t, False) if noise is None else (flat(noise), True)
 
 
 def _mean_of_sum(total, size, dtype):
@@ -354,36 +331,36 @@ def q_sample_numba(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     a, s, bad = _q_sample_coefficients(*tables, _timesteps(t), out)
     if bad >= 0:
         raise _timestep_error(t, sqrt_abar.size)
-    _Q_SAMPLE.pick(x0.size)(t.size, _flat(x0), _flat(noise), a, s, _row_size(x0), out.ravel())
+    _Q_SAMPLE.pick(x0.size)(t.size, flat(x0), flat(noise), a, s, _row_size(x0), out.ravel())
     return out
 
 
 @register("mse_loss_forward", "numba")
 def mse_loss_forward_numba(pred, target):
-    _check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
-    total = _SQUARED_ERROR.pick(pred.size)(pred.size, _flat(pred), _flat(target))
+    check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
+    total = _SQUARED_ERROR.pick(pred.size)(pred.size, flat(pred), flat(target))
     return _mean_of_sum(total, pred.size, pred.dtype)
 
 
 @register("mse_loss_backward", "numba")
 def mse_loss_backward_numba(pred, target, gloss):
-    _check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
+    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
     if not pred.size:
         return np.empty(pred.shape, pred.dtype)
     scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
     out = np.empty(pred.shape, pred.dtype)
-    _SCALED_DIFFERENCE.pick(pred.size)(pred.size, _flat(pred), _flat(target), scale, out.ravel())
+    _SCALED_DIFFERENCE.pick(pred.size)(pred.size, flat(pred), flat(target), scale, out.ravel())
     return out
 
 
 @register("ddpm_step", "numba")
 def ddpm_step_numba(x_t, x0_pred, noise, coef_x0, coef_xt, sigma, clip=False):
-    dtype = _check_arrays("ddpm_step", ("x_t", "x0_pred", "noise"), x_t, x0_pred, noise)
+    dtype = check_arrays("ddpm_step", ("x_t", "x0_pred", "noise"), x_t, x0_pred, noise)
     out = np.empty(x_t.shape, dtype)
-    x_t = _flat(x_t)
+    x_t = flat(x_t)
     noise, has_noise = _noise_or(noise, x_t)
     scalars = (float(coef_x0), float(coef_xt), float(sigma))
-    _DDPM.pick(out.size)(out.size, x_t, _flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
+    _DDPM.pick(out.size)(out.size, x_t, flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
     return out
 
 
@@ -391,12 +368,12 @@ def ddpm_step_numba(x_t, x0_pred, noise, coef_x0, coef_xt, sigma, clip=False):
 def ddim_step_numba(
     x_t, eps, x0_pred, noise, sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma, clip=False
 ):
-    dtype = _check_arrays("ddim_step", ("x_t", "eps", "x0_pred", "noise"), x_t, eps, x0_pred, noise)
+    dtype = check_arrays("ddim_step", ("x_t", "eps", "x0_pred", "noise"), x_t, eps, x0_pred, noise)
     out = np.empty(x_t.shape, dtype)
-    x_t = _flat(x_t)
+    x_t = flat(x_t)
     noise, has_noise = _noise_or(noise, x_t)
     scalars = map(float, (sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma))
-    args = (x_t, _flat(eps), _flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
+    args = (x_t, flat(eps), flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
     _DDIM.pick(out.size)(out.size, *args)
     return out
 
@@ -409,8 +386,8 @@ def q_sample_native(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     t = _check_q_sample(x0, noise, sqrt_abar, sqrt_one_minus_abar, t)
     try:
         out = native.q_sample(
-            _flat(x0),
-            _flat(noise),
+            flat(x0),
+            flat(noise),
             np.ascontiguousarray(sqrt_abar),
             np.ascontiguousarray(sqrt_one_minus_abar),
             _timesteps(t),
@@ -425,18 +402,18 @@ def q_sample_native(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
 
 @register("mse_loss_forward", "native")
 def mse_loss_forward_native(pred, target):
-    _check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
-    total = native.squared_error_sum(_flat(pred), _flat(target), pred.size >= _cpu.PARALLEL_MIN)
+    check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
+    total = native.squared_error_sum(flat(pred), flat(target), pred.size >= _cpu.PARALLEL_MIN)
     return _mean_of_sum(total, pred.size, pred.dtype)
 
 
 @register("mse_loss_backward", "native")
 def mse_loss_backward_native(pred, target, gloss):
-    _check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
+    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
     if not pred.size:
         return np.empty(pred.shape, pred.dtype)
     scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
-    out = native.scaled_difference(_flat(pred), _flat(target), scale, pred.size >= _cpu.PARALLEL_MIN)
+    out = native.scaled_difference(flat(pred), flat(target), scale, pred.size >= _cpu.PARALLEL_MIN)
     return out.reshape(pred.shape)
 
 
@@ -514,19 +491,19 @@ def q_sample_cuda(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     s = xp.asarray(sqrt_one_minus_abar[t].astype(x0.dtype))
     out = xp.empty(x0.shape, x0.dtype)
     _cuda.launch_elementwise(
-        _q_sample_cuda, out.size, _flat(x0), _flat(noise), a, s, _row_size(x0), out.ravel()
+        _q_sample_cuda, out.size, flat(x0), flat(noise), a, s, _row_size(x0), out.ravel()
     )
     return out
 
 
 @register("mse_loss_forward", "cuda")
 def mse_loss_forward_cuda(pred, target):
-    _check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
+    check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
     xp = get_array_module(pred)
     if not pred.size:
         return xp.asarray(_mean_of_sum(0.0, 0, pred.dtype))
     partial = xp.empty(_cuda.elementwise_blocks(pred.size), np.float64)
-    _cuda.launch_elementwise(_squared_error_partials_cuda, pred.size, _flat(pred), _flat(target), partial)
+    _cuda.launch_elementwise(_squared_error_partials_cuda, pred.size, flat(pred), flat(target), partial)
     mean = xp.empty(1, np.float64)
     _cuda.launch_per_block(_mean_of_partials_cuda, 1, partial.size, partial, np.float64(pred.size), mean)
     return mean.astype(pred.dtype).reshape(())
@@ -534,7 +511,7 @@ def mse_loss_forward_cuda(pred, target):
 
 @register("mse_loss_backward", "cuda")
 def mse_loss_backward_cuda(pred, target, gloss):
-    _check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
+    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
     xp = get_array_module(pred)
     if not pred.size:
         return xp.empty(pred.shape, pred.dtype)
@@ -547,21 +524,19 @@ def mse_loss_backward_cuda(pred, target, gloss):
     # so that a gloss there is not copied to the host
     scale = (gloss.reshape(1) * 2.0 / pred.size).astype(pred.dtype)
     out = xp.empty(pred.shape, pred.dtype)
-    _cuda.launch_elementwise(
-        _scaled_difference_cuda, out.size, _flat(pred), _flat(target), scale, out.ravel()
-    )
+    _cuda.launch_elementwise(_scaled_difference_cuda, out.size, flat(pred), flat(target), scale, out.ravel())
     return out
 
 
 @register("ddpm_step", "cuda")
 def ddpm_step_cuda(x_t, x0_pred, noise, coef_x0, coef_xt, sigma, clip=False):
-    dtype = _check_arrays("ddpm_step", ("x_t", "x0_pred", "noise"), x_t, x0_pred, noise)
+    dtype = check_arrays("ddpm_step", ("x_t", "x0_pred", "noise"), x_t, x0_pred, noise)
     xp = get_array_module(x_t)
     out = xp.empty(x_t.shape, dtype)
     scalars = _cuda.device_scalars(dtype, coef_x0, coef_xt, sigma, 1.0)
-    x_t = _flat(x_t)
+    x_t = flat(x_t)
     noise, has_noise = _noise_or(noise, x_t)
-    args = (x_t, _flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
+    args = (x_t, flat(x0_pred), noise, *scalars, bool(clip), has_noise, out.ravel())
     _cuda.launch_elementwise(_ddpm_cuda, out.size, *args)
     return out
 
@@ -570,12 +545,12 @@ def ddpm_step_cuda(x_t, x0_pred, noise, coef_x0, coef_xt, sigma, clip=False):
 def ddim_step_cuda(
     x_t, eps, x0_pred, noise, sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma, clip=False
 ):
-    dtype = _check_arrays("ddim_step", ("x_t", "eps", "x0_pred", "noise"), x_t, eps, x0_pred, noise)
+    dtype = check_arrays("ddim_step", ("x_t", "eps", "x0_pred", "noise"), x_t, eps, x0_pred, noise)
     xp = get_array_module(x_t)
     out = xp.empty(x_t.shape, dtype)
     scalars = (sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, direction, sigma, 1.0)
-    x_t = _flat(x_t)
+    x_t = flat(x_t)
     noise, has_noise = _noise_or(noise, x_t)
-    args = (x_t, _flat(eps), _flat(x0_pred), noise, *_cuda.device_scalars(dtype, *scalars))
+    args = (x_t, flat(eps), flat(x0_pred), noise, *_cuda.device_scalars(dtype, *scalars))
     _cuda.launch_elementwise(_ddim_cuda, out.size, *args, bool(clip), has_noise, out.ravel())
     return out

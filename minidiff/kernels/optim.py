@@ -42,8 +42,7 @@ import numpy as np
 from minidiff.backend import get_array_module
 
 from . import _cpu, _cuda
-from ._checks import FLOAT_DTYPES
-from .diffusion import _check_arrays, _flat
+from ._checks import FLOAT_DTYPES, check_arrays, flat
 from .machine import cuda, njit
 from .registry import register
 
@@ -87,7 +86,7 @@ def _adam_scalars(param, grad, m, v, lr, beta1, beta2, eps, step, weight_decay, 
     ``use_l2``, ``use_shrink`` (an L2 term or a decoupled decay to apply)."""
     fn = "adam_update"
     if not _fast_checks_pass(param, grad, m, v):
-        _check_arrays(fn, ("param", "grad", "m", "v"), param, grad, m, v)
+        check_arrays(fn, ("param", "grad", "m", "v"), param, grad, m, v)
         _check_in_place(fn, ("param", "m", "v"), param, m, v)
     step = operator.index(step)
     if step < 1:
@@ -111,7 +110,7 @@ def _adam_scalars(param, grad, m, v, lr, beta1, beta2, eps, step, weight_decay, 
 def _check_ema(shadow, param, decay):
     """Check the arrays; return ``(decay, 1 - decay)`` as Python floats."""
     if not _fast_checks_pass(shadow, param):
-        _check_arrays("ema_update", ("shadow", "param"), shadow, param)
+        check_arrays("ema_update", ("shadow", "param"), shadow, param)
         _check_in_place("ema_update", ("shadow",), shadow)
     decay = float(decay)
     return decay, 1 - decay
@@ -207,14 +206,14 @@ def adam_update_numba(param, grad, m, v, lr, beta1, beta2, eps, step, weight_dec
     )
     # ravel() of a C-contiguous array is a view: the kernel writes into the caller's arrays
     _ADAM.pick(param.size)(
-        param.size, param.ravel(), _flat(grad), m.ravel(), v.ravel(), *scalars, use_l2, use_shrink
+        param.size, param.ravel(), flat(grad), m.ravel(), v.ravel(), *scalars, use_l2, use_shrink
     )
 
 
 @register("ema_update", "numba")
 def ema_update_numba(shadow, param, decay):
     scalars = _check_ema(shadow, param, decay)
-    _EMA.pick(shadow.size)(shadow.size, shadow.ravel(), _flat(param), *scalars)
+    _EMA.pick(shadow.size)(shadow.size, shadow.ravel(), flat(param), *scalars)
 
 
 # -- Numba CUDA ------------------------------------------------------------------------------
@@ -242,11 +241,11 @@ def adam_update_cuda(param, grad, m, v, lr, beta1, beta2, eps, step, weight_deca
     )
     scalars = _cuda.device_scalars(param.dtype, *scalars)
     # ravel() of a C-contiguous array is a view: the kernel writes into the caller's arrays
-    args = (param.ravel(), _flat(grad), m.ravel(), v.ravel(), *scalars, use_l2, use_shrink)
+    args = (param.ravel(), flat(grad), m.ravel(), v.ravel(), *scalars, use_l2, use_shrink)
     _cuda.launch_elementwise(_adam_cuda, param.size, *args)
 
 
 @register("ema_update", "cuda")
 def ema_update_cuda(shadow, param, decay):
     scalars = _cuda.device_scalars(shadow.dtype, *_check_ema(shadow, param, decay))
-    _cuda.launch_elementwise(_ema_cuda, shadow.size, shadow.ravel(), _flat(param), *scalars)
+    _cuda.launch_elementwise(_ema_cuda, shadow.size, shadow.ravel(), flat(param), *scalars)

@@ -150,7 +150,7 @@ def test_backward_rejects_bad_input(backward):
 def test_native_rows_split_over_threads_give_the_same_values(monkeypatch):
     """The native kernels split the rows over OpenMP threads above a size: each row is still
     computed alone, so the values do not change."""
-    from minidiff.kernels import attention, diffusion
+    from minidiff.kernels import _cpu, attention
 
     forward = kernels.implementations("softmax_forward")["native"]
     backward = kernels.implementations("softmax_backward")["native"]
@@ -160,9 +160,9 @@ def test_native_rows_split_over_threads_give_the_same_values(monkeypatch):
         rng.standard_normal((2, 37, 19)).astype(np.float32),
     )
     monkeypatch.setattr(attention, "PARALLEL_MIN_FORWARD", 1 << 62)
-    monkeypatch.setattr(diffusion, "PARALLEL_MIN", 1 << 62)
+    monkeypatch.setattr(_cpu, "PARALLEL_MIN", 1 << 62)
     y, gx = forward(x, scale=0.5), backward(gy, forward(x, scale=0.5), scale=0.5)
     monkeypatch.setattr(attention, "PARALLEL_MIN_FORWARD", 0)
-    monkeypatch.setattr(diffusion, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(_cpu, "PARALLEL_MIN", 0)
     np.testing.assert_array_equal(forward(x, scale=0.5), y)
     np.testing.assert_array_equal(backward(gy, y, scale=0.5), gx)
