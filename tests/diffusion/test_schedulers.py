@@ -457,6 +457,10 @@ def test_euler_add_noise_matches_diffusers(dtype):
     expected = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
     # the same float32 sigmas up to one unit in the last place, see compare_loop
     close(ours.add_noise(x0, noise, t), expected, 2 * F32_UNIT)
+    # diffusers' Euler velocity indexes alpha_bar by the timesteps' positions in the schedule
+    their = (torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
+    rtol = 2 * F32_UNIT if dtype == np.float32 else 1e-15
+    close(ours.get_velocity(x0, noise, t), theirs.get_velocity(*their), rtol)
 
 
 # -- errors -----------------------------------------------------------------------------------------
