@@ -49,17 +49,28 @@ class SpatialSelfAttention(Attention):
         return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
 
 
+def _resnets(in_channels, out_channels, num_layers, groups, rng, dtype):
+    """``num_layers`` residual blocks without a time embedding, the first from ``in_channels``."""
+    return [
+        ResnetBlock2D(
+            in_channels if i == 0 else out_channels,
+            out_channels,
+            temb_channels=None,
+            groups=groups,
+            eps=EPS,
+            rng=rng,
+            dtype=dtype,
+        )
+        for i in range(num_layers)
+    ]
+
+
 class UNetMidBlock2D(Module):
     """resnets.0, then (attentions.0, resnets.1): diffusers' mid block without a time
     embedding; ``add_attention=False`` leaves the attention out."""
 
     def __init__(self, channels, groups, add_attention=True, rng=None, dtype=None):
-        def resnet():
-            return ResnetBlock2D(
-                channels, channels, temb_channels=None, groups=groups, eps=EPS, rng=rng, dtype=dtype
-            )
-
-        self.resnets = [resnet(), resnet()]
+        self.resnets = _resnets(channels, channels, 2, groups, rng, dtype)
         # diffusers' heads: channels // attention_head_dim with attention_head_dim = channels
         attention = (
             SpatialSelfAttention(channels, channels, groups, rng=rng, dtype=dtype) if add_attention else None
@@ -79,18 +90,7 @@ class DownEncoderBlock2D(Module):
     """``num_layers`` residual blocks, then (unless the last level) a stride-2 convolution."""
 
     def __init__(self, in_channels, out_channels, num_layers, groups, add_downsample, rng=None, dtype=None):
-        self.resnets = [
-            ResnetBlock2D(
-                in_channels if i == 0 else out_channels,
-                out_channels,
-                temb_channels=None,
-                groups=groups,
-                eps=EPS,
-                rng=rng,
-                dtype=dtype,
-            )
-            for i in range(num_layers)
-        ]
+        self.resnets = _resnets(in_channels, out_channels, num_layers, groups, rng, dtype)
         self.downsamplers = (
             [Downsample2D(out_channels, out_channels, padding=0, rng=rng, dtype=dtype)]
             if add_downsample
@@ -109,18 +109,7 @@ class UpDecoderBlock2D(Module):
     """``num_layers`` residual blocks, then (unless the last level) an upsampling."""
 
     def __init__(self, in_channels, out_channels, num_layers, groups, add_upsample, rng=None, dtype=None):
-        self.resnets = [
-            ResnetBlock2D(
-                in_channels if i == 0 else out_channels,
-                out_channels,
-                temb_channels=None,
-                groups=groups,
-                eps=EPS,
-                rng=rng,
-                dtype=dtype,
-            )
-            for i in range(num_layers)
-        ]
+        self.resnets = _resnets(in_channels, out_channels, num_layers, groups, rng, dtype)
         self.upsamplers = (
             [Upsample2D(out_channels, out_channels, rng=rng, dtype=dtype)] if add_upsample else None
         )

@@ -14,7 +14,6 @@ latents the image is the one diffusers gives.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
@@ -23,7 +22,7 @@ from .. import no_grad
 from ..backend import Device
 from ..diffusion import DDIMScheduler, load_scheduler, make_scheduler
 from ..models import AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel
-from ..nn.pretrained import PretrainedError
+from ..nn.pretrained import PretrainedError, read_config
 from ..tensor import Tensor
 
 # model_index.json component -> the classes of that name minidiff loads
@@ -47,18 +46,10 @@ def read_model_index(folder) -> dict:
     """The components of a diffusers pipeline folder: model_index.json, checked."""
     folder = pathlib.Path(folder)
     path = folder / "model_index.json"
-    if not folder.is_dir():
-        raise PipelineError(f"{folder}: no such folder")
-    if not path.is_file():
-        raise PipelineError(
-            f"{path}: missing (a Stable Diffusion folder as diffusers' save_pretrained writes it)"
-        )
     try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(index, dict):
-        raise PipelineError(f"{path}: expected a JSON object")
+        index = read_config(folder, "model_index.json")
+    except PretrainedError as e:
+        raise PipelineError(str(e)) from None
     for name, classes in COMPONENTS.items():
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2):
