@@ -136,6 +136,17 @@ void softmax_forward(const T* x, T scale, T* y, int64_t R, int64_t L, bool paral
 template <typename T>
 void softmax_backward(const T* gy, const T* y, T scale, T* gx, int64_t R, int64_t L, bool parallel);
 
+// -- flash_attention.cpp: attention without the score matrix, float32 ---------------------------
+
+// out (B, Lq, Dv) = softmax(scale * q k^T) v and lse (B, Lq), the log-sum-exp of each row's
+// scaled scores, for q (B, Lq, D), k (B, Lk, D), v (B, Lk, Dv), Lk >= 1.
+void attention_forward(const float* q, const float* k, const float* v, float scale, float* out,
+                       float* lse, int64_t B, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
+                       bool parallel);
+
+// The instruction set it runs with here: "avx512", "avx2" or "baseline".
+const char* attention_forward_isa();
+
 // -- diffusion.cpp: elementwise kernels over flat arrays ---------------------------------------
 // `parallel` says whether to split the work over OpenMP threads: the Python wrappers decide by
 // size (waking the sleeping workers costs more than a small memory-bound pass takes).

@@ -300,6 +300,24 @@ carray<T> softmax_backward(carray<T> gy, carray<T> y, double scale, bool paralle
     return gx;
 }
 
+py::tuple attention_forward(carray<float> q, carray<float> k, carray<float> v, double scale,
+                            bool parallel) {
+    require(q.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3,
+            "attention_forward: q, k, v must be (B, Lq, D), (B, Lk, D), (B, Lk, Dv)");
+    const int64_t B = q.shape(0), Lq = q.shape(1), D = q.shape(2), Lk = k.shape(1), Dv = v.shape(2);
+    require(k.shape(0) == B && v.shape(0) == B && k.shape(2) == D && v.shape(1) == Lk && Lk >= 1,
+            "attention_forward: expected q (B, Lq, D), k (B, Lk, D), v (B, Lk, Dv) with Lk >= 1");
+    auto out = empty<float>({B, Lq, Dv});
+    auto lse = empty<float>({B, Lq});
+    const float *qp = q.data(), *kp = k.data(), *vp = v.data();
+    float *op = out.mutable_data(), *lp = lse.mutable_data();
+    {
+        py::gil_scoped_release release;
+        minidiff::attention_forward(qp, kp, vp, float(scale), op, lp, B, Lq, Lk, D, Dv, parallel);
+    }
+    return py::make_tuple(out, lse);
+}
+
 template <typename T>
 void bind(py::module_& m) {
     m.def("im2col", &im2col<T>, "x"_a.noconvert(), "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a,
@@ -411,6 +429,11 @@ PYBIND11_MODULE(_native, m) {
           "kh"_a, "kw"_a, "ph"_a, "pw"_a, "sh"_a = 1, "sw"_a = 1,
           "Weight gradient (O, C, kh, kw) of the float32 convolution, from x and gy.");
     m.attr("conv2d_direct_isa") = minidiff::conv2d_direct_isa();
+    m.def("attention_forward", &attention_forward, "q"_a.noconvert(), "k"_a.noconvert(),
+          "v"_a.noconvert(), "scale"_a, "parallel"_a,
+          "(out, lse): softmax(scale * q k^T) v over float32 (B, L, D) arrays, tile by tile; "
+          "see minidiff/kernels/attention.py.");
+    m.attr("attention_forward_isa") = minidiff::attention_forward_isa();
     bind<double>(m);
     bind_diffusion<float>(m);
     bind_diffusion<double>(m);
