@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import numpy as np
-
-from typing import TYPE_CHECKING
 
 from .autograd import Variable
 from .backend import FLOAT_DTYPES, Device
@@ -35,7 +34,7 @@ def constant_like(value, like: Tensor) -> Tensor:
     ``like``'s dtype when both are numeric and ``like`` is floating (booleans stay masks)."""
     if isinstance(value, Variable):
         return value
-    if not (isinstance(value, numbers.Number) or hasattr(value, "__array__") or isinstance(value, (list, tuple))):
+    if not (isinstance(value, (numbers.Number, list, tuple)) or hasattr(value, "__array__")):
         raise TypeError(f"cannot use a {type(value).__name__} as a tensor")
     array = like.device.xp.asarray(value)
     if like.dtype.kind == "f" and array.dtype.kind in "fiu":
@@ -602,9 +601,11 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale=None) -> Tensor:
             f"{q.shape}, {k.shape}, {v.shape}"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if mask is None and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and k.shape[-2] > 0:
+        return attention.Attention.apply(q, k, v, scale=scale)  # never forms the (..., Lq, Lk) scores
     scores = matmul(q, swapaxes(k, -2, -1))
     last = scores.ndim - 1
-    if mask is None:
+    if mask is None:  # leading dims that broadcast
         return matmul(attention.Softmax.apply(scores, axis=last, scale=scale), v)
     mask = constant_like(mask, like=scores)
     if mask.dtype == np.bool_ and scale > 0:

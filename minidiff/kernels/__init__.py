@@ -30,6 +30,8 @@ group_norm_silu_backward = dispatcher("group_norm_silu_backward")
 # attention.py
 softmax_forward = dispatcher("softmax_forward")
 softmax_backward = dispatcher("softmax_backward")
+attention_forward = dispatcher("attention_forward")
+attention_backward = dispatcher("attention_backward")
 # diffusion.py
 q_sample = dispatcher("q_sample")
 mse_loss_forward = dispatcher("mse_loss_forward")
@@ -60,6 +62,8 @@ __all__ = [
     "group_norm_silu_backward",
     "softmax_forward",
     "softmax_backward",
+    "attention_forward",
+    "attention_backward",
     "q_sample",
     "mse_loss_forward",
     "mse_loss_backward",

@@ -1,4 +1,8 @@
-"""Softmax and log-softmax; attention itself is composed in functional.py."""
+"""Softmax, log-softmax, and attention without the score matrix.
+
+``functional.scaled_dot_product_attention`` runs ``Attention`` below when there is no mask, and
+composes matmul, masking and ``Softmax`` when there is one.
+"""
 
 from __future__ import annotations
 
@@ -34,3 +38,23 @@ class LogSoftmax(Function):
         (y,) = self.saved
         xp = get_array_module(y)
         return g - xp.exp(y) * g.sum(axis=self.axis, keepdims=True)
+
+
+class Attention(Function):
+    """softmax(scale * q k^T) v over q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv), fused: the
+    kernels walk the keys in tiles and keep only each row's log-sum-exp for the backward, never
+    the (..., Lq, Lk) scores (see minidiff/kernels/attention.py)."""
+
+    def forward(self, q, k, v, *, scale):
+        lead = q.shape[:-2]
+        flat = [a.reshape((-1,) + a.shape[-2:]) for a in (q, k, v)]
+        out, lse = kernels.attention_forward(*flat, scale)
+        self.save_for_backward(*flat, out, lse)
+        self.lead, self.scale = lead, scale
+        return out.reshape(lead + out.shape[1:])
+
+    def backward(self, g):
+        q, k, v, out, lse = self.saved
+        g = g.reshape(out.shape)
+        grads = kernels.attention_backward(g, q, k, v, out, lse, self.scale)
+        return tuple(gr.reshape(self.lead + gr.shape[1:]) for gr in grads)

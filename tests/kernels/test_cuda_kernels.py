@@ -38,6 +38,7 @@ OPS = (
     "group_norm_silu_backward",
     "softmax_forward",
     "softmax_backward",
+    "attention_forward",
     "q_sample",
     "mse_loss_forward",
     "mse_loss_backward",
@@ -347,6 +348,50 @@ def test_softmax_rejects_bad_arguments():
         cuda("softmax_backward")(a, b)
     with pytest.raises(TypeError, match="same dtype"):
         cuda("softmax_backward")(a.astype(np.float32), a)
+
+
+# -- attention.py: attention without the score matrix ------------------------------------------
+
+ATTENTION_CASES = [  # batch, query rows, keys, head width, value width, scale, layout
+    (2, 5, 3, 4, 3, 0.5, "contiguous"),
+    (1, 9, 37, 6, 5, -0.8, "transposed"),  # more than two tiles of keys, a partial last one
+    (3, 1, 16, 3, 2, 2.0, "strided"),  # exactly one tile
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_attention_forward_matches_the_reference(case, dtype, monkeypatch):
+    from minidiff.kernels import attention
+
+    monkeypatch.setattr(attention, "QUERY_ROWS", 4)  # blocks of 4 rows: partial last blocks too
+    b, lq, lk, d, dv, scale, layout = case
+    rng = np.random.default_rng(11)
+    q, qh = array(rng, (b, lq, d), dtype, layout)
+    k, kh = array(rng, (b, lk, d), dtype, layout)
+    v, vh = array(rng, (b, lk, dv), dtype, layout)
+    out, lse = cuda("attention_forward")(q, k, v, scale)
+    expected_out, expected_lse = reference("attention_forward")(qh, kh, vh, scale)
+    check(out, expected_out, dtype, TOL[dtype])
+    check(lse, expected_lse, dtype, TOL[dtype])
+
+
+def test_attention_forward_wider_than_the_kernel_runs_the_reference(monkeypatch):
+    from minidiff.kernels import attention
+
+    monkeypatch.setattr(attention, "CUDA_MAX_DIM", 3)
+    rng = np.random.default_rng(12)
+    (q, qh), (k, kh), (v, vh) = (array(rng, (1, 2, 4), np.float64) for _ in range(3))
+    expected_out, _ = reference("attention_forward")(qh, kh, vh, 0.5)
+    check(cuda("attention_forward")(q, k, v, 0.5)[0], expected_out, np.float64, TOL[np.float64])
+
+
+def test_attention_forward_rejects_bad_arguments():
+    a = on_device(np.zeros((2, 3, 4)))[0]
+    with pytest.raises(ValueError, match="attention_forward: q, k, v must be 3-D"):
+        cuda("attention_forward")(a[0], a, a, 1.0)
+    with pytest.raises(TypeError, match="same dtype"):
+        cuda("attention_forward")(a.astype(np.float32), a, a, 1.0)
 
 
 # -- diffusion.py: q_sample, the MSE, the sampler steps -------------------------------------------
