@@ -62,7 +62,27 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid_from_features(features_a, features_b) -> float:
-    return frechet_distance(*gaussian_fit(features_a), *gaussian_fit(features_b))
+    """The Frechet distance between the Gaussian fits of features (N, D) and (M, D).
+
+    With fewer features than dimensions (a quick FID on 2048-d Inception features) the D x D
+    matrix square root is never formed: with A and B the centred features, S_a = A^T A / (N-1)
+    and S_b = B^T B / (M-1), the nonzero eigenvalues of S_a S_b are those of (A B^T)(A B^T)^T
+    / ((N-1)(M-1)), so tr (S_a S_b)^(1/2) is the sum of the singular values of the N x M matrix
+    A B^T over sqrt((N-1)(M-1)): exact, and an SVD of N x M instead of a D x D sqrtm."""
+    a, b = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
+    for f in (a, b):
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"fid_from_features: need features of shape (N >= 2, D), got {f.shape}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"fid_from_features: features of {a.shape[1]} and {b.shape[1]} dims")
+    (n, d), m = a.shape, b.shape[0]
+    if min(n, m) > d:
+        return frechet_distance(*gaussian_fit(a), *gaussian_fit(b))
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    ca, cb = a - mu_a, b - mu_b
+    cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt((n - 1) * (m - 1))
+    diff = mu_a - mu_b
+    return float(diff @ diff + (ca * ca).sum() / (n - 1) + (cb * cb).sum() / (m - 1) - 2 * cross)
 
 
 def kernel_inception_distance(features_a, features_b, num_subsets=100, subset_size=1000, seed=0):
