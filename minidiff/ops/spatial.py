@@ -91,7 +91,8 @@ class AvgPool2d(Function):
 
 class MaxPool2d(Function):
     """Maximum over kH x kW windows; padding never wins (it is -inf). The gradient goes to the
-    first maximum of each window in row-major order, as in PyTorch."""
+    first maximum of each window in row-major order, as in PyTorch. Forward keeps only running
+    maxima (what inference needs); backward finds the winning offsets again from the input."""
 
     def forward(self, x, *, kernel, stride, padding):
         xp = get_array_module(x)
@@ -102,18 +103,23 @@ class MaxPool2d(Function):
         xpad = xp.pad(x, pad, constant_values=-xp.inf) if ph or pw else x
         views = _windows(xpad, kernel, stride, self.out_hw)
         y = next(views).copy()
-        self.argmax = xp.zeros(y.shape, dtype=xp.int16)  # the window offset that holds the maximum
-        for k, view in enumerate(views, start=1):
-            better = view > y  # strictly: ties keep the earlier offset
-            y = xp.where(better, view, y)
-            self.argmax[better] = k
+        for view in views:
+            xp.maximum(y, view, out=y)
+        self.xpad, self.y = xpad, y
         return y
 
     def backward(self, g):
         xp = get_array_module(g)
         zero = xp.zeros((), dtype=g.dtype)
-        grads = (xp.where(self.argmax == k, g, zero) for k in range(self.kernel[0] * self.kernel[1]))
-        return _scatter(grads, self.shape, self.kernel, self.stride, self.padding, self.out_hw, g.dtype, xp)
+        taken = xp.zeros(self.y.shape, dtype=bool)  # windows whose first maximum is already found
+
+        def grads():
+            for view in _windows(self.xpad, self.kernel, self.stride, self.out_hw):
+                first = (view == self.y) & ~taken  # ties: only the earliest offset in the window
+                taken[...] |= first
+                yield xp.where(first, g, zero)
+
+        return _scatter(grads(), self.shape, self.kernel, self.stride, self.padding, self.out_hw, g.dtype, xp)
 
 
 def bilinear_matrix(size_in, size_out, xp, dtype):
@@ -139,10 +145,21 @@ class ResizeBilinear(Function):
 
     def forward(self, x, *, size):
         xp = get_array_module(x)
-        self.a_h = bilinear_matrix(x.shape[2], size[0], xp, x.dtype)
-        self.a_w = bilinear_matrix(x.shape[3], size[1], xp, x.dtype)
-        return xp.matmul(self.a_h, xp.matmul(x, self.a_w.T))
+        n, c, h, w = x.shape
+        (ho, wo) = size
+        self.a_h = bilinear_matrix(h, ho, xp, x.dtype)
+        self.a_w = bilinear_matrix(w, wo, xp, x.dtype)
+        # two plain matrix products (batched small products are slower): rows first, on the
+        # (usually smaller) input, with H leading; then columns
+        rows = self.a_h @ xp.ascontiguousarray(x.transpose(2, 0, 1, 3)).reshape(h, n * c * w)
+        y = rows.reshape(ho * n * c, w) @ self.a_w.T
+        return xp.ascontiguousarray(y.reshape(ho, n, c, wo).transpose(1, 2, 0, 3))
 
     def backward(self, g):
         xp = get_array_module(g)
-        return xp.matmul(self.a_h.T, xp.matmul(g, self.a_w))
+        n, c, ho, wo = g.shape
+        h, w = self.a_h.shape[1], self.a_w.shape[1]
+        cols = xp.ascontiguousarray(g).reshape(n * c * ho, wo) @ self.a_w
+        cols = xp.ascontiguousarray(cols.reshape(n * c, ho, w).transpose(1, 0, 2)).reshape(ho, n * c * w)
+        gx = self.a_h.T @ cols
+        return xp.ascontiguousarray(gx.reshape(h, n, c, w).transpose(1, 2, 0, 3))
