@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as TF
 
 import minidiff as md
+import minidiff.models.inception as inception_module
 from minidiff.io.torch_file import TorchFileError, load_torch_file
 from minidiff.metrics.fid import inception_features, load_inception
 from minidiff.models.inception import InceptionV3
@@ -267,8 +268,10 @@ def test_features_at_299_through_the_resize_match_pytorch(oracle, model):
     assert rel_error(ours, theirs) < REL
 
 
-def test_inception_features_quantizes_and_repeats_gray(model):
-    """Gray images are the three-channel image with equal channels; quantize rounds to 8 bits."""
+def test_inception_features_quantizes_and_repeats_gray(model, monkeypatch):
+    """Gray images are the three-channel image with equal channels; quantize rounds to 8 bits.
+    (Resized to 75x75 here: the batching, not the network, is under test.)"""
+    monkeypatch.setattr(inception_module, "FID_SIZE", 75)
     rng = np.random.default_rng(2)
     gray = rng.uniform(-1, 1, (1, 1, 75, 75))
     step = np.rint((gray + 1) * 127.5) / 127.5 - 1
@@ -305,6 +308,17 @@ def test_torch_file_reads_what_torch_save_wrote(tmp_path, zip_format):
         assert loaded[name].dtype == expected.dtype, name
         assert loaded[name].shape == expected.shape, name
         np.testing.assert_array_equal(loaded[name], expected, err_msg=name)
+
+
+def test_both_formats_of_the_network_file_read_the_same(oracle, weights_file, tmp_path):
+    """pytorch-fid's weights predate PyTorch 1.6's zip format: the whole state dict (an
+    OrderedDict with its _metadata) written the old way reads to the same arrays."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save(oracle.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    zipped, old = load_torch_file(weights_file), load_torch_file(legacy)
+    assert list(zipped) == list(old) == list(oracle.state_dict())
+    for name, value in zipped.items():
+        np.testing.assert_array_equal(old[name], value, err_msg=name)
 
 
 def test_torch_file_refuses_other_pickles(tmp_path):
