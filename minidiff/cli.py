@@ -223,24 +223,66 @@ def _sample_pipeline(args, out) -> int:
 
 
 def cmd_eval(args) -> int:
-    from minidiff.train.evaluate import bits_per_dim_report, sample_quality_report
+    from pathlib import Path
+
+    from minidiff.train.evaluate import bits_per_dim_report, inception_report, sample_quality_report
 
     if args.metric == "bpd":
-        r = bits_per_dim_report(args.checkpoint, num=args.num, timesteps=args.timesteps, seed=args.seed)
+        for flag, value in (("--inception", args.inception), ("--reference", args.reference)):
+            if value is not None:
+                raise SystemExit(f"minidiff eval: {flag} applies to --metric fid only")
+        num = 500 if args.num is None else args.num
+        r = bits_per_dim_report(args.checkpoint, num=num, timesteps=args.timesteps, seed=args.seed)
         print(
             f"bits/dim {r['total']:.4f} (prior {r['prior']:.4f}, diffusion terms {r['terms']:.4f}, "
             f"decoder {r['decoder']:.4f}) over {r['num_images']} held-out images, {r['timesteps']} timesteps"
         )
         return 0
+    if args.inception is not None:
+        if not Path(args.inception).is_file():
+            raise SystemExit(f"minidiff eval: --inception {args.inception}: no such file")
+        num = 10_000 if args.num is None else args.num
+        r = inception_report(
+            args.checkpoint,
+            args.inception,
+            num=num,
+            reference_num=args.reference,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+        )
+        print(
+            f"FID-{_count(num)} (Inception pool3 features, {Path(r['weights']).name}) {r['fid']:.3f} "
+            f"of {num} samples against {r['num_reference']} training images"
+        )
+        print(f"KID {r['kid']:.5f} +- {r['kid_std']:.5f} (the same features)")
+        if not r["standard_weights"]:
+            print(
+                f"warning: {r['weights']} has sha256 {r['weights_sha256'][:8]}..., not the standard "
+                f"pytorch-fid weights (6726825d...): not comparable with published FIDs"
+            )
+        return 0
+    if args.reference is not None:
+        raise SystemExit("minidiff eval: --reference applies with --inception only")
+    num = 500 if args.num is None else args.num
     r = sample_quality_report(
-        args.checkpoint, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed
+        args.checkpoint, num=num, steps=args.steps, guidance=args.guidance, seed=args.seed
     )
     print(
         f"FID (minidiff classifier features, not Inception) {r['fid']:.3f} against held-out images; "
         f"{r['real_fid']:.3f} for as many real training images"
     )
     print(f"mean classifier confidence {r['mean_confidence']:.3f}; class histogram {r['class_histogram']}")
+    print(
+        f"KID {r['kid']:.5f} +- {r['kid_std']:.5f} (classifier features). For the FID papers report, "
+        "pass --inception pt_inception-2015-12-05-6726825d.pth (pytorch-fid's weights)"
+    )
     return 0
+
+
+def _count(num: int) -> str:
+    """10000 -> "10k", as FID-10k and FID-50k are written."""
+    return f"{num // 1000}k" if num % 1000 == 0 else str(num)
 
 
 def cmd_bench(args) -> int:
@@ -339,14 +381,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="FID (on minidiff's own classifier) or bits per dimension",
-        description="fid: Frechet distance between samples and the data on the features of a small "
-        "classifier minidiff trains on the dataset (not Inception FID: not comparable with published "
-        "numbers), plus mean confidence and class histogram. bpd: the variational bound in bits/dim.",
+        help="FID and KID (Inception, or minidiff's own classifier) or bits per dimension",
+        description="fid with --inception FILE: FID and KID of samples against the training images "
+        "on the FID Inception network (pytorch-fid's pt_inception-2015-12-05-6726825d.pth), the "
+        "numbers papers report; FID-10k by default, --num 50000 for FID-50k. fid without it: the "
+        "Frechet distance and KID on the features of a small classifier minidiff trains on the "
+        "dataset (not comparable with published numbers), plus mean confidence and class histogram. "
+        "bpd: the variational bound in bits/dim.",
     )
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--metric", choices=("fid", "bpd"), required=True)
-    evaluate.add_argument("--num", type=positive_int, default=500, help="samples (fid) or images (bpd)")
+    evaluate.add_argument(
+        "--num",
+        type=positive_int,
+        help="samples (fid: 10000 with --inception, else 500) or held-out images (bpd: 500)",
+    )
+    evaluate.add_argument(
+        "--inception",
+        metavar="FILE",
+        help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth from "
+        "github.com/mseitzer/pytorch-fid/releases); read without torch",
+    )
+    evaluate.add_argument(
+        "--reference",
+        type=positive_int,
+        metavar="N",
+        help="fid with --inception: N random training images as the reference (default: all)",
+    )
     evaluate.add_argument("--steps", type=int, default=50, help="DDIM steps for fid samples")
     evaluate.add_argument("--guidance", type=float, help="classifier-free guidance for fid samples")
     evaluate.add_argument(
