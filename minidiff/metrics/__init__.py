@@ -1,12 +1,13 @@
 """Evaluation: Frechet distance on minidiff's own classifier features, sample
-confidence and class histograms. (Bits per dimension lives with the diffusion
-process: ``GaussianDiffusion.bits_per_dim``.)"""
+confidence and class histograms; the CLIP score of images against prompts. (Bits
+per dimension lives with the diffusion process: ``GaussianDiffusion.bits_per_dim``.)"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .classifier import FeatureClassifier, features_and_probs, train_classifier
+from .clip_score import clip_score, clip_scores
 from .fid import fid_from_features, frechet_distance, gaussian_fit
 
 
@@ -25,6 +26,8 @@ def sample_quality(classifier, samples, reference_images) -> dict:
 
 __all__ = [
     "FeatureClassifier",
+    "clip_score",
+    "clip_scores",
     "features_and_probs",
     "fid_from_features",
     "frechet_distance",

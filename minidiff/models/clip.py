@@ -717,7 +717,7 @@ class CLIPImageProcessor:
         for key in ("image_mean", "image_std"):
             value = config[key]
             if not (
-                isinstance(value, list)
+                isinstance(value, (list, tuple))
                 and len(value) == 3
                 and all(isinstance(v, numbers.Real) for v in value)
             ):
