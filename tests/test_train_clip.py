@@ -5,6 +5,9 @@ folder, read back by minidiff and by transformers."""
 from __future__ import annotations
 
 import csv
+import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 import minidiff as md
 from minidiff.models.clip import CLIPModel
 from minidiff.train.clip import CaptionTask, CLIPTrainConfig, contrastive_loss, train_clip
+from minidiff.train.evaluate import clip_score_report
 
 COLORS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
 SIDES = ("on the left", "on the right")
@@ -146,3 +150,58 @@ def test_bad_configs_are_named():
         CLIPTrainConfig(heads=3).validate()
     with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
         CLIPTrainConfig.from_dict({"depth": 3})
+
+
+# -- minidiff train --model clip, minidiff eval --metric clip ------------------------------------
+
+
+def test_the_report_scores_real_pairs_above_mismatched_ones(run):
+    out, _ = run
+    report = clip_score_report(out, task=squares_task(), num=30)
+    assert report["num_pairs"] == 30 and "samples" not in report
+    assert report["real"] > report["mismatched"] + 10, report
+
+
+def test_eval_clip_scores_a_pipelines_samples(run, tmp_path, capsys, monkeypatch):
+    """``eval --metric clip`` on a Stable Diffusion folder with its own CLIP in RUN/clip: the
+    samples' score printed beside the real and mismatched pairs', as the report computes them."""
+    from pipelines.test_stable_diffusion import build_folder
+
+    from minidiff.cli import main
+    from minidiff.pipelines import StableDiffusion
+
+    out, _ = run
+    folder, _ = build_folder(tmp_path)
+    monkeypatch.setattr("minidiff.train.clip.load_task", lambda dataset, seed=0: squares_task())
+    args = ["eval", "--checkpoint", str(folder), "--metric", "clip", "--num", "5", "--steps", "2"]
+    with pytest.raises(SystemExit, match="no CLIP in .*clip: train the run's own"):
+        main(args)
+    shutil.copytree(out, folder / "clip")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    pipe = StableDiffusion.from_pretrained(folder)
+    expected = clip_score_report(
+        out, sample=lambda p: pipe(p, num_steps=2, guidance=7.5, seed=0) * 2 - 1, task=squares_task(), num=5
+    )
+    numbers = [float(x) for x in re.findall(r"(-?\d+\.\d\d)\b", printed)]
+    assert numbers == pytest.approx(
+        [round(expected[k], 2) for k in ("samples", "real", "mismatched")], abs=0.006
+    )
+    assert main([*args, "--clip", str(out)]) == 0 and printed in capsys.readouterr().out.replace(
+        str(out), str(folder / "clip")
+    )
+
+
+def test_train_model_clip_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from minidiff.cli import main
+
+    monkeypatch.setattr("minidiff.train.clip.load_task", lambda dataset, seed=0: squares_task())
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({k: v for k, v in TINY.items() if k != "steps"}))
+    out = tmp_path / "clip"
+    args = ["train", "--model", "clip", "--config", str(config), "--steps", "3", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert "zero-shot accuracy on 60 held-out images: color" in capsys.readouterr().out
+    assert CLIPModel.from_pretrained(out).tokenizer is not None
+    with pytest.raises(SystemExit, match="already holds a CLIP"):
+        main(args)

@@ -317,6 +317,21 @@ def zero_shot_accuracy(model: CLIPModel, task: CaptionTask, batch_size=256) -> d
     }
 
 
-def load_task(dataset: str, seed: int = 0) -> CaptionTask:
-    """The captioned dataset ``dataset`` as a CaptionTask."""
-    raise ValueError(f"train_clip: no captioned dataset {dataset!r}")
+def load_task(dataset: str, seed: int = 0, count: int = 8000, held_out: int = 1000) -> CaptionTask:
+    """The captioned dataset ``dataset`` ("shapes": ``count`` training images and ``held_out``
+    held-out ones, drawn from ``seed``) as a CaptionTask."""
+    if dataset != "shapes":
+        raise ValueError(f"train_clip: dataset must be 'shapes' (a captioned dataset), got {dataset!r}")
+    from ..data import shapes
+
+    train = shapes.load_shapes(count, seed=seed, split="train")
+    test = shapes.load_shapes(held_out, seed=seed, split="held_out")
+    return CaptionTask(
+        train.images,
+        list(train.captions),
+        test.images,
+        list(test.captions),
+        dict(test.attributes),
+        dict(shapes.CHOICES),
+        shapes.caption,
+    )
