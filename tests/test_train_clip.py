@@ -17,7 +17,13 @@ from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 import minidiff as md
 from minidiff.models.clip import CLIPModel
-from minidiff.train.clip import CaptionTask, CLIPTrainConfig, contrastive_loss, train_clip
+from minidiff.train.clip import (
+    CaptionTask,
+    CLIPTrainConfig,
+    contrastive_loss,
+    distinct_caption_batch,
+    train_clip,
+)
 from minidiff.train.evaluate import clip_score_report
 
 COLORS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
@@ -205,3 +211,12 @@ def test_train_model_clip_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert CLIPModel.from_pretrained(out).tokenizer is not None
     with pytest.raises(SystemExit, match="already holds a CLIP"):
         main(args)
+
+
+def test_a_batch_never_repeats_a_caption():
+    codes = np.repeat(np.arange(5), 7)  # 5 captions, 7 images each
+    rng = np.random.default_rng(0)
+    batches = [distinct_caption_batch(codes, 4, rng) for _ in range(50)]
+    assert all(len(b) == 4 and len(set(codes[b])) == 4 for b in batches)
+    assert len({int(i) for b in batches for i in b}) > 25  # every image takes its turn
+    assert sorted(codes[distinct_caption_batch(codes, 9, rng)]) == [0, 1, 2, 3, 4]  # at most one each

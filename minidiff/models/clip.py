@@ -24,6 +24,7 @@ from ..nn import Conv2d, Embedding, LayerNorm, Linear, Module, Parameter
 from ..nn.attention import Attention, image_tokens
 from ..nn.pretrained import Pretrained, PretrainedError, config_error, read_config
 from ..tensor import Tensor, tensor
+from .tokenizer import CLIPTokenizer
 
 
 def quick_gelu(x):
@@ -549,8 +550,6 @@ class CLIPModel(Module, Pretrained):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, variant=None):
-        from .tokenizer import CLIPTokenizer  # noqa: PLC0415 - beside the model, only for folders
-
         model = super().from_pretrained(folder, dtype=dtype, variant=variant)
         folder = pathlib.Path(folder)
         if (folder / PREPROCESSOR_CONFIG).is_file():

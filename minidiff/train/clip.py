@@ -2,14 +2,14 @@
 
     report = train_clip(CLIPTrainConfig(steps=1500), "runs/shapes/clip")   # the shapes captions
 
-Each step draws a batch of (image, caption) pairs, embeds both, and minimises the symmetric
-InfoNCE loss: with logits = exp(logit_scale) * cos(text_i, image_j), the mean of the cross
-entropy of each caption over the batch's images and of each image over the batch's captions, the
-true pair being the target. ``logit_scale`` (the log temperature) is learned with the rest and
-kept at most log(100), as CLIP does. The run folder is a transformers CLIP folder (config.json,
-model.safetensors, preprocessor_config.json, the tokenizer's files over the captions' words), so
-``CLIPModel.from_pretrained``, ``clip_score`` and transformers' own CLIPModel read it; loss.csv,
-loss.png and report.json sit beside it.
+Each step draws a batch of (image, caption) pairs, no two with the same caption, embeds both,
+and minimises the symmetric InfoNCE loss: with logits = exp(logit_scale) * cos(text_i, image_j),
+the mean of the cross entropy of each caption over the batch's images and of each image over the
+batch's captions, the true pair being the target. ``logit_scale`` (the log temperature) is
+learned with the rest and kept at most log(100), as CLIP does. The run folder is a transformers
+CLIP folder (config.json, model.safetensors, preprocessor_config.json, the tokenizer's files over
+the captions' words), so ``CLIPModel.from_pretrained``, ``clip_score`` and transformers' own
+CLIPModel read it; loss.csv, loss.png and report.json sit beside it.
 
 Zero-shot accuracy: every caption the grammar can write (each combination of attribute values)
 is embedded once; each held-out image takes the caption it is most similar to, and an attribute
@@ -224,6 +224,15 @@ def pixel_values(model: CLIPModel, images) -> np.ndarray:
     return model.image_processor(to_uint8(images))
 
 
+def distinct_caption_batch(codes, batch_size, rng) -> np.ndarray:
+    """Indices of up to ``batch_size`` random pairs, no two with the same caption (``codes``:
+    one integer per caption text): InfoNCE takes every other caption in the batch for a wrong
+    one, and a repeated caption would be a positive counted as a negative."""
+    order = rng.permutation(len(codes))
+    _, first = np.unique(codes[order], return_index=True)  # a random image of each caption
+    return order[np.sort(first)[:batch_size]]
+
+
 def train_clip(config: CLIPTrainConfig, out_dir, task: CaptionTask | None = None, progress=True) -> dict:
     """Train a CLIP on ``task`` (default: the captions of ``config.dataset``), write the CLIP
     folder to ``out_dir`` and return the report (also in ``out_dir/report.json``): the final
@@ -239,6 +248,7 @@ def train_clip(config: CLIPTrainConfig, out_dir, task: CaptionTask | None = None
     model = build_clip(config, tokenizer, task.train_images.shape[1:])
     pixels = pixel_values(model, task.train_images)
     ids = tokenizer(task.train_captions)
+    _, caption_codes = np.unique(np.asarray(task.train_captions), return_inverse=True)
     params = model.parameters()
     optimizer = AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed + 1)
@@ -251,7 +261,7 @@ def train_clip(config: CLIPTrainConfig, out_dir, task: CaptionTask | None = None
         for step in tqdm(
             range(config.steps), disable=not progress, desc="clip", unit="step", dynamic_ncols=True
         ):
-            batch = rng.choice(len(pixels), size=min(config.batch_size, len(pixels)), replace=False)
+            batch = distinct_caption_batch(caption_codes, config.batch_size, rng)
             _, logits_per_text = model(ids[batch], pixels[batch])
             loss = contrastive_loss(logits_per_text)
             loss_value = loss.item()
