@@ -378,7 +378,10 @@ class CLIPVisionModel(Module, Pretrained):
         """The tower a CLIPVisionConfig dict describes; a value or key it does not implement is a
         ConfigError naming the key."""
         config = {**VISION_DEFAULTS, **config}
-        known = set(VISION_DEFAULTS) | {"model_type", "architectures", "dropout"} | IGNORED_KEYS
+        # eos_token_id: null in the vision configs of older files
+        known = (
+            set(VISION_DEFAULTS) | {"model_type", "architectures", "dropout", "eos_token_id"} | IGNORED_KEYS
+        )
         _check_tower(
             config, source, model_type="clip_vision_model", sizes=VISION_SIZES, known=known, prefix=prefix
         )

@@ -229,6 +229,10 @@ def test_the_config_dicts_of_older_files_override(tokenizer):
     transformers takes their values."""
     config = clip_config(tokenizer).to_dict()
     config["vision_config_dict"] = {"num_hidden_layers": 1}
+    # what transformers 4.16 wrote into each tower's config (openai/clip-vit-large-patch14)
+    generic = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "sep_token_id": None}
+    config["vision_config"].update(generic, dropout=0.0, top_k=50, pruned_heads={}, tie_word_embeddings=True)
+    config["text_config_dict"] = {"hidden_act": "quick_gelu", "projection_dim": 16}
     model = CLIPModel.from_config(config)
     assert len(model.vision_model.encoder.layers) == 1 and len(model.text_model.encoder.layers) == 2
 
