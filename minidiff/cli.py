@@ -96,6 +96,8 @@ def cmd_train(args) -> int:
     from minidiff import io
     from minidiff.train import TrainConfig, Trainer
 
+    if args.model == "clip":
+        return _train_clip(args)
     out = Path(args.out)
     has_run = (out / "checkpoints" / io.LATEST).is_file()
     values = _requested_config(args)
@@ -117,6 +119,29 @@ def cmd_train(args) -> int:
         f"loss curve {out / 'loss.png'}, checkpoints in {out / 'checkpoints'}"
     )
     return 0 if result["status"] in ("finished", "interrupted") else 1
+
+
+def _train_clip(args) -> int:
+    """``minidiff train --model clip``: a small CLIP trained contrastively on a captioned dataset."""
+    from pathlib import Path
+
+    from minidiff.train.clip import CLIPTrainConfig, train_clip
+
+    if args.resume:
+        raise SystemExit("minidiff train: --model clip runs start afresh (no --resume)")
+    values = _requested_config(args)
+    values.setdefault("dataset", "shapes")
+    out = Path(args.out)
+    if (out / "model.safetensors").is_file():
+        raise SystemExit(f"minidiff train: {out} already holds a CLIP; choose another --out")
+    report = train_clip(CLIPTrainConfig.from_dict(values), out, progress=not args.quiet)
+    accuracy = ", ".join(f"{name} {value:.1%}" for name, value in report["zero_shot_accuracy"].items())
+    print(
+        f"CLIP in {out} (loss {report['final_loss']:.4f} after {report['steps']} steps); zero-shot "
+        f"accuracy on {report['num_held_out']} held-out images: {accuracy}; all attributes "
+        f"{report['zero_shot_all_attributes']:.1%} (chance 1/{report['num_captions']})"
+    )
+    return 0
 
 
 def cmd_sample(args) -> int:
@@ -227,6 +252,13 @@ def cmd_eval(args) -> int:
 
     from minidiff.train.evaluate import bits_per_dim_report, inception_report, sample_quality_report
 
+    if args.metric == "clip":
+        for flag, value in (("--inception", args.inception), ("--reference", args.reference)):
+            if value is not None:
+                raise SystemExit(f"minidiff eval: {flag} applies to --metric fid only")
+        return _eval_clip(args)
+    if args.clip is not None:
+        raise SystemExit("minidiff eval: --clip applies to --metric clip")
     if args.metric == "bpd":
         for flag, value in (("--inception", args.inception), ("--reference", args.reference)):
             if value is not None:
@@ -285,6 +317,35 @@ def _count(num: int) -> str:
     return f"{num // 1000}k" if num % 1000 == 0 else str(num)
 
 
+def _eval_clip(args) -> int:
+    """``minidiff eval --metric clip``: the CLIP score of a text-to-image run's samples for held-out
+    captions, beside that of the real pairs and of mismatched pairs."""
+    from pathlib import Path
+
+    from minidiff.pipelines import StableDiffusion
+    from minidiff.train.evaluate import clip_score_report
+
+    run = Path(args.checkpoint)
+    clip = Path(args.clip) if args.clip is not None else run / "clip"
+    if not (clip / "config.json").is_file():
+        raise SystemExit(
+            f"minidiff eval: no CLIP in {clip}: train the run's own with `minidiff train --dataset shapes "
+            f"--model clip --out {clip}`, or give --clip DIR (a transformers CLIP folder)"
+        )
+    pipe = StableDiffusion.from_pretrained(run)
+    guidance = 7.5 if args.guidance is None else args.guidance
+
+    def sample(prompts):
+        return pipe(prompts, num_steps=args.steps, guidance=guidance, seed=args.seed) * 2 - 1
+
+    r = clip_score_report(clip, sample=sample, num=100 if args.num is None else args.num, seed=args.seed)
+    print(
+        f"CLIP score ({clip}) {r['samples']:.2f} for {r['num_pairs']} samples of held-out captions; "
+        f"real image-caption pairs {r['real']:.2f}, mismatched pairs {r['mismatched']:.2f}"
+    )
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.unet:
         from minidiff.bench import unet
@@ -335,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         "to --out. Ctrl-C saves a checkpoint; --resume continues from the newest one.",
     )
     train.add_argument("--dataset", help="digits (default) | mnist:PATH | cifar10:PATH | folder:PATH")
+    train.add_argument(
+        "--model",
+        choices=("unet", "clip"),
+        default="unet",
+        help="unet: a DDPM (default); clip: a small CLIP, contrastively on the captions (--dataset shapes)",
+    )
     train.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
     train.add_argument("--steps", type=positive_int, help="training steps")
     train.add_argument("--batch-size", type=positive_int, help="images per step")
@@ -381,20 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="FID and KID (Inception, or minidiff's own classifier) or bits per dimension",
+        help="FID and KID (Inception, or minidiff's own classifier), bits per dimension or CLIP score",
         description="fid with --inception FILE: FID and KID of samples against the training images "
         "on the FID Inception network (pytorch-fid's pt_inception-2015-12-05-6726825d.pth), the "
         "numbers papers report; FID-10k by default, --num 50000 for FID-50k. fid without it: the "
         "Frechet distance and KID on the features of a small classifier minidiff trains on the "
         "dataset (not comparable with published numbers), plus mean confidence and class histogram. "
-        "bpd: the variational bound in bits/dim.",
+        "bpd: the variational bound in bits/dim. clip: the CLIP score of a text-to-image run's samples "
+        "for held-out captions, beside the score of the real image-caption pairs and of mismatched pairs.",
     )
     evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--metric", choices=("fid", "bpd"), required=True)
+    evaluate.add_argument("--metric", choices=("fid", "bpd", "clip"), required=True)
     evaluate.add_argument(
         "--num",
         type=positive_int,
-        help="samples (fid: 10000 with --inception, else 500) or held-out images (bpd: 500)",
+        help="samples (fid: 10000 with --inception, else 500), held-out images (bpd: 500) or "
+        "held-out captions (clip: 100)",
     )
     evaluate.add_argument(
         "--inception",
@@ -407,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="N",
         help="fid with --inception: N random training images as the reference (default: all)",
+    )
+    evaluate.add_argument(
+        "--clip", help="clip: a transformers CLIP folder to score with (default: the run's own, RUN/clip)"
     )
     evaluate.add_argument("--steps", type=int, default=50, help="DDIM steps for fid samples")
     evaluate.add_argument("--guidance", type=float, help="classifier-free guidance for fid samples")

@@ -1,12 +1,14 @@
 """Evaluation: FID and KID on the FID Inception network (pytorch-fid's weights file) or on
-minidiff's own classifier features, sample confidence and class histograms. (Bits per dimension
-lives with the diffusion process: ``GaussianDiffusion.bits_per_dim``.)"""
+minidiff's own classifier features, sample confidence and class histograms; the CLIP score of
+images against prompts. (Bits per dimension lives with the diffusion process:
+``GaussianDiffusion.bits_per_dim``.)"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .classifier import FeatureClassifier, features_and_probs, train_classifier
+from .clip_score import clip_score, clip_scores
 from .fid import (
     INCEPTION_FILE,
     INCEPTION_SHA256_PREFIX,
@@ -39,6 +41,8 @@ __all__ = [
     "INCEPTION_SHA256_PREFIX",
     "INCEPTION_URL",
     "FeatureClassifier",
+    "clip_score",
+    "clip_scores",
     "features_and_probs",
     "fid_from_features",
     "file_sha256",

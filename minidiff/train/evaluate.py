@@ -1,4 +1,5 @@
-"""Evaluate a trained checkpoint: sample quality and bits per dimension.
+"""Evaluate a trained checkpoint: sample quality, bits per dimension, and the CLIP score of
+text-to-image samples beside that of real and of mismatched pairs.
 
 Sample quality is FID and KID on the FID Inception network when its weights file is given (the
 numbers papers report: ``inception_report``), else the Frechet distance on minidiff's own
@@ -15,6 +16,7 @@ from .. import runtime
 from ..diffusion import ddim_sample
 from ..metrics import (
     INCEPTION_SHA256_PREFIX,
+    clip_score,
     features_and_probs,
     fid_from_features,
     file_sha256,
@@ -159,3 +161,44 @@ def bits_per_dim_report(checkpoint, num=64, timesteps=100, seed=0) -> dict:
         "num_images": len(idx),
         "timesteps": timesteps or diffusion.T,
     }
+
+
+def clip_score_report(clip, sample=None, task=None, num=100, seed=0, batch_size=16) -> dict:
+    """CLIP scores (``metrics.clip_score``) under the CLIP model or folder ``clip``, on ``num``
+    held-out image-caption pairs of ``task`` (default: the captioned shapes): of the real pairs,
+    of mismatched pairs (each image against the caption of another image with a different
+    caption: the floor a model that ignores its prompt stays near), and, given ``sample``
+    (prompts -> images (N, 3, H, W), uint8 or in [-1, 1]), of images sampled for those captions,
+    ``batch_size`` prompts at a time.
+    """
+    from ..models.clip import CLIPModel
+    from .clip import load_task
+
+    model = clip if isinstance(clip, CLIPModel) else CLIPModel.from_pretrained(clip)
+    task = task if task is not None else load_task("shapes", seed=seed)
+    rng = np.random.default_rng(seed)
+    count = min(num, len(task.held_out_captions))
+    index = rng.choice(len(task.held_out_captions), size=count, replace=False)
+    images = task.held_out_images[index]
+    captions = [task.held_out_captions[i] for i in index]
+    others = _mismatched(captions, rng)
+    report = {
+        "num_pairs": count,
+        "real": clip_score(images, captions, model),
+        "mismatched": clip_score(images, others, model),
+    }
+    if sample is not None:
+        samples = np.concatenate([sample(captions[i : i + batch_size]) for i in range(0, count, batch_size)])
+        report["samples"] = clip_score(samples, captions, model)
+    return report
+
+
+def _mismatched(captions, rng) -> list:
+    """For each caption, the caption of another pair, one that says something else."""
+    out = []
+    for text in captions:
+        others = [j for j, other in enumerate(captions) if other != text]
+        if not others:
+            raise ValueError("clip_score_report: every pair has the same caption; nothing to mismatch")
+        out.append(captions[others[rng.integers(len(others))]])
+    return out
