@@ -95,12 +95,16 @@ def cmd_train(args) -> int:
 
     from minidiff import io
     from minidiff.train import TrainConfig, Trainer
+    from minidiff.train.t2i import CONFIG_FILE
 
     if args.model == "clip":
         return _train_clip(args)
-    out = Path(args.out)
-    has_run = (out / "checkpoints" / io.LATEST).is_file()
     values = _requested_config(args)
+    out = Path(args.out or ("runs/shapes" if values.get("dataset") == "shapes" else "runs/digits"))
+    if values.get("dataset") == "shapes" or (args.resume and (out / CONFIG_FILE).is_file()):
+        return _train_text_to_image(args, values, out)
+    args.out = out
+    has_run = (out / "checkpoints" / io.LATEST).is_file()
     if args.resume:
         if not has_run:
             raise SystemExit(f"minidiff train: nothing to resume: {out} holds no checkpoint")
@@ -131,7 +135,7 @@ def _train_clip(args) -> int:
         raise SystemExit("minidiff train: --model clip runs start afresh (no --resume)")
     values = _requested_config(args)
     values.setdefault("dataset", "shapes")
-    out = Path(args.out)
+    out = Path(args.out or "runs/clip")
     if (out / "model.safetensors").is_file():
         raise SystemExit(f"minidiff train: {out} already holds a CLIP; choose another --out")
     report = train_clip(CLIPTrainConfig.from_dict(values), out, progress=not args.quiet)
@@ -142,6 +146,38 @@ def _train_clip(args) -> int:
         f"{report['zero_shot_all_attributes']:.1%} (chance 1/{report['num_captions']})"
     )
     return 0
+
+
+def _train_text_to_image(args, values, out) -> int:
+    """``minidiff train --dataset shapes``: every stage of text to image (minidiff.train.t2i);
+    --steps, --batch-size and --lr set the denoiser's (the U-Net and text encoder's)."""
+    from minidiff.train.t2i import CONFIG_FILE, T2IConfig, T2ITrainer
+
+    denoiser = dict(values.pop("denoiser", None) or {})
+    for key in ("steps", "batch_size", "lr"):
+        if key in values:
+            denoiser[key] = values.pop(key)
+    if denoiser:
+        values["denoiser"] = denoiser
+    if args.resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise SystemExit(f"minidiff train: nothing to resume: {out} holds no text-to-image run")
+        trainer = T2ITrainer.resume(out, progress=not args.quiet, config=values)
+        print(f"resuming the text-to-image run in {out}")
+    else:
+        if (out / CONFIG_FILE).is_file():
+            raise SystemExit(
+                f"minidiff train: {out} already holds a run; pass --resume to continue it, or choose "
+                "another --out"
+            )
+        trainer = T2ITrainer(T2IConfig.from_dict(values), out, progress=not args.quiet)
+    result = trainer.fit()
+    print(
+        f"{result['status']} in stage {result['stage']} at step {result['step']}: a Stable Diffusion "
+        f"folder in {out} (sample it with minidiff sample --checkpoint {out} --prompt ...); pictures and "
+        f"loss curves in {out / 'autoencoder'} and {out / 'denoiser'}"
+    )
+    return 0 if result["status"] in ("finished", "interrupted") else 1
 
 
 def cmd_sample(args) -> int:
@@ -162,6 +198,14 @@ def cmd_sample(args) -> int:
         )
     if args.pipeline is not None:
         return _sample_pipeline(args, out)
+    from minidiff.train.t2i import load_run_config
+
+    run = load_run_config(args.checkpoint)
+    if run is not None:  # a text-to-image run: a Stable Diffusion folder
+        if args.guidance is None:
+            args.guidance = run.guidance  # the guidance the run was checked with
+        args.pipeline = args.checkpoint
+        return _sample_pipeline(args, out)
     for flag, value in (
         ("--prompt", args.prompt),
         ("--negative-prompt", args.negative_prompt),
@@ -169,7 +213,9 @@ def cmd_sample(args) -> int:
         ("--width", args.width),
     ):
         if value is not None:
-            raise SystemExit(f"minidiff sample: {flag} needs --pipeline")
+            raise SystemExit(
+                f"minidiff sample: {flag} needs --pipeline (or a text-to-image run as --checkpoint)"
+            )
     if args.sampler in ("pndm", "euler"):
         raise SystemExit(
             f"minidiff sample: --sampler {args.sampler} needs --pipeline (checkpoints: ddpm, ddim)"
@@ -395,14 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a DDPM U-Net. Writes checkpoints, loss.csv, loss.png and sample grids "
         "to --out. Ctrl-C saves a checkpoint; --resume continues from the newest one.",
     )
-    train.add_argument("--dataset", help="digits (default) | mnist:PATH | cifar10:PATH | folder:PATH")
+    train.add_argument(
+        "--dataset",
+        help="digits (default) | mnist:PATH | cifar10:PATH | folder:PATH; shapes: text to image "
+        "(autoencoder, text encoder and U-Net, into a Stable Diffusion folder)",
+    )
     train.add_argument(
         "--model",
         choices=("unet", "clip"),
         default="unet",
         help="unet: a DDPM (default); clip: a small CLIP, contrastively on the captions (--dataset shapes)",
     )
-    train.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
+    train.add_argument("--out", help="output folder (default: runs/DATASET, runs/clip for --model clip)")
     train.add_argument("--steps", type=positive_int, help="training steps")
     train.add_argument("--batch-size", type=positive_int, help="images per step")
     train.add_argument("--lr", type=float, help="peak learning rate")
@@ -419,9 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt with a Stable Diffusion folder in diffusers' layout (--pipeline). .png writes a grid, "
         ".npy a uint8 array (N, C, H, W).",
     )
-    sample.add_argument("--checkpoint", help="a run folder or a checkpoint folder")
+    sample.add_argument(
+        "--checkpoint",
+        help="a run folder or a checkpoint folder (a text-to-image run samples from --prompt)",
+    )
     sample.add_argument("--pipeline", help="a Stable Diffusion folder (model_index.json, unet/, vae/, ...)")
-    sample.add_argument("--prompt", help="the text to draw (--pipeline)")
+    sample.add_argument("--prompt", help="the text to draw (--pipeline, or a text-to-image run)")
     sample.add_argument("--negative-prompt", help="what to steer away from (--pipeline)")
     sample.add_argument("--height", type=positive_int, help="image height (--pipeline; default: the model's)")
     sample.add_argument("--width", type=positive_int, help="image width (--pipeline; default: the model's)")
