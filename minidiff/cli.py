@@ -60,7 +60,11 @@ def info_lines() -> list[str]:
     lines.append(f"  omp wait    {runtime.omp_note()}")
     lines.append(f"  malloc      {runtime.malloc_note()}")
     lines.append(f"  jit cache   {runtime.jit_cache_note()}")
-    lines.append(f"kernels (selected: {kernels.current()}):")
+    try:
+        selected = kernels.current()
+    except (ValueError, RuntimeError) as exc:  # a bad MINIDIFF_KERNELS: the diagnostic still runs
+        selected = f"none: {exc}"
+    lines.append(f"kernels (selected: {selected}):")
     for name, (ok, why) in kernels.available().items():
         lines.append(f"  {name:<11} {'available' if ok else 'missing'}: {why}")
     return lines
@@ -69,6 +73,47 @@ def info_lines() -> list[str]:
 def cmd_info(args) -> int:
     print("\n".join(info_lines()))
     return 0
+
+
+class UsageError(Exception):
+    """A mistake in the command's arguments or files: one line on stderr, exit status 2."""
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is not NaN or infinite."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 def _requested_config(args) -> dict:
@@ -81,9 +126,14 @@ def _requested_config(args) -> dict:
         try:
             values = json.loads(Path(args.config).read_text())
         except FileNotFoundError:
-            raise SystemExit(f"minidiff train: config file {args.config} does not exist") from None
+            raise UsageError(f"minidiff train: config file {args.config} does not exist") from None
         except json.JSONDecodeError as exc:
-            raise SystemExit(f"minidiff train: config file {args.config} is not valid JSON: {exc}") from None
+            raise UsageError(f"minidiff train: config file {args.config} is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise UsageError(
+                f"minidiff train: config file {args.config} must hold a JSON object of config keys "
+                f"(minidiff train --help-config), got {type(values).__name__}"
+            )
     for key in ("dataset", "steps", "batch_size", "lr", "seed"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -95,28 +145,69 @@ def cmd_train(args) -> int:
 
     from minidiff import io
     from minidiff.train import TrainConfig, Trainer
+    from minidiff.train.ddpm import config_help, existing_run_outputs
 
+    if args.help_config:
+        print(config_help())
+        return 0
     out = Path(args.out)
-    has_run = (out / "checkpoints" / io.LATEST).is_file()
     values = _requested_config(args)
     if args.resume:
-        if not has_run:
-            raise SystemExit(f"minidiff train: nothing to resume: {out} holds no checkpoint")
+        if args.overwrite:
+            raise UsageError("minidiff train: --resume continues a run, --overwrite deletes it: give one")
+        if not io.has_checkpoint(out):
+            raise UsageError(f"minidiff train: nothing to resume: {out} holds no checkpoint")
         trainer = Trainer.resume(out, progress=not args.quiet, config=values)
         print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
     else:
-        if has_run:
-            raise SystemExit(
-                f"minidiff train: {out} already holds a run; pass --resume to continue it, or choose "
-                "another --out"
+        found = existing_run_outputs(out)
+        if found and not args.overwrite:
+            held = f"checkpoint {io.resolve_checkpoint(out).name}" if io.has_checkpoint(out) else ", ".join(found)
+            raise UsageError(
+                f"minidiff train: {out} already holds a run ({held}); pass --resume to continue it, "
+                "--overwrite to delete it and start afresh, or choose another --out"
             )
-        trainer = Trainer(TrainConfig.from_dict(values), out, progress=not args.quiet)
+        config = TrainConfig.from_dict(values)
+        config.validate()  # every key checked before the dataset is read
+        trainer = Trainer(config, out, progress=not args.quiet, overwrite=args.overwrite)
     result = trainer.fit()
     print(
         f"{result['status']} at step {result['step']}: samples in {out / 'samples'}, "
         f"loss curve {out / 'loss.png'}, checkpoints in {out / 'checkpoints'}"
     )
     return 0 if result["status"] in ("finished", "interrupted") else 1
+
+
+def _check_output_path(out, command: str):
+    """--out checked (and its folder made) before any sampling, not after it."""
+    if out.suffix not in (".png", ".npy"):
+        raise UsageError(f"minidiff {command}: --out must end in .png or .npy, got {out}")
+    if out.is_dir():
+        raise UsageError(f"minidiff {command}: --out {out} is a folder; give a file name ending in {out.suffix}")
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"minidiff {command}: --out's folder {parent} is a file")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"minidiff {command}: cannot create --out's folder {out.parent}: {exc}") from None
+
+
+class SamplingFailed(RuntimeError):
+    """The sampler gave non-finite values: a failure (exit status 1), nothing is written."""
+
+
+def _check_finite_images(images, command: str):
+    import numpy as np
+
+    bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if bad.any():
+        raise SamplingFailed(
+            f"minidiff {command}: sampling gave non-finite values (NaN or inf) in {int(bad.sum())} of "
+            f"{len(images)} images; nothing was written"
+        )
 
 
 def cmd_sample(args) -> int:
@@ -129,10 +220,8 @@ def cmd_sample(args) -> int:
     from minidiff.train import load_model
 
     out = Path(args.out)
-    if out.suffix not in (".png", ".npy"):
-        raise SystemExit(f"minidiff sample: --out must end in .png or .npy, got {out}")
     if (args.checkpoint is None) == (args.pipeline is None):
-        raise SystemExit(
+        raise UsageError(
             "minidiff sample: give --checkpoint (a minidiff run) or --pipeline (a Stable Diffusion folder)"
         )
     if args.pipeline is not None:
@@ -144,19 +233,20 @@ def cmd_sample(args) -> int:
         ("--width", args.width),
     ):
         if value is not None:
-            raise SystemExit(f"minidiff sample: {flag} needs --pipeline")
+            raise UsageError(f"minidiff sample: {flag} needs --pipeline")
     if args.sampler in ("pndm", "euler"):
-        raise SystemExit(
+        raise UsageError(
             f"minidiff sample: --sampler {args.sampler} needs --pipeline (checkpoints: ddpm, ddim)"
         )
     args.sampler = args.sampler or "ddim"
     args.num = 20 if args.num is None else args.num
+    _check_output_path(out, "sample")
     model, diffusion, state = load_model(args.checkpoint, weights="model" if args.raw_weights else "ema")
     num_classes = state["num_classes"]
     y = None
     if num_classes is not None:
         if args.class_label is not None and not 0 <= args.class_label < num_classes:
-            raise SystemExit(
+            raise UsageError(
                 f"minidiff sample: --class must be in [0, {num_classes}), got {args.class_label}"
             )
         y = (
@@ -165,14 +255,14 @@ def cmd_sample(args) -> int:
             else np.arange(args.num) % num_classes
         )
     elif args.class_label is not None or args.guidance is not None:
-        raise SystemExit("minidiff sample: this model is not class-conditional (no --class/--guidance)")
+        raise UsageError("minidiff sample: this model is not class-conditional (no --class/--guidance)")
     shape = (args.num, *state["image_shape"])
     common = dict(generator=args.seed, y=y, guidance=args.guidance, null_class=num_classes)
     if args.sampler == "ddpm":
         images = ddpm_sample(model, diffusion, shape, **common)
     else:
         images = ddim_sample(model, diffusion, shape, steps=args.steps, eta=args.eta, **common)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_finite_images(images, "sample")
     if out.suffix == ".npy":
         np.save(out, to_uint8(images))
     else:
@@ -189,14 +279,13 @@ def _sample_pipeline(args, out) -> int:
     from minidiff.pipelines import StableDiffusion
 
     if args.prompt is None:
-        raise SystemExit("minidiff sample: --pipeline needs --prompt")
+        raise UsageError("minidiff sample: --pipeline needs --prompt")
     for flag, value in (("--class", args.class_label), ("--raw-weights", args.raw_weights or None)):
         if value is not None:
-            raise SystemExit(f"minidiff sample: {flag} applies to --checkpoint runs only")
+            raise UsageError(f"minidiff sample: {flag} applies to --checkpoint runs only")
     if args.sampler == "ddpm":
-        raise SystemExit("minidiff sample: --pipeline samples with ddim, pndm or euler")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise SystemExit(f"minidiff sample: --out's folder {out.parent} is a file")
+        raise UsageError("minidiff sample: --pipeline samples with ddim, pndm or euler")
+    _check_output_path(out, "sample")
     args.num = 1 if args.num is None else args.num
     sd = StableDiffusion.from_pretrained(args.pipeline)
     negative = None if args.negative_prompt is None else [args.negative_prompt] * args.num
@@ -212,7 +301,7 @@ def _sample_pipeline(args, out) -> int:
         eta=args.eta,
         progress=True,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_finite_images(images, "sample")
     images = images * 2 - 1  # [0, 1] -> [-1, 1], what the image writers take
     if out.suffix == ".npy":
         np.save(out, to_uint8(images))
@@ -223,24 +312,45 @@ def _sample_pipeline(args, out) -> int:
 
 
 def cmd_eval(args) -> int:
+    from minidiff import io
     from minidiff.train.evaluate import bits_per_dim_report, sample_quality_report
 
+    # the run's T and holdout, from its state alone, to check the arguments before the work
+    _, state, where = io.load_checkpoint(args.checkpoint, groups=())
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    T = config.get("timesteps", 1000)
+    reference = "held-out" if config.get("holdout", 0.1) else "training (this run holds none out: holdout 0)"
     if args.metric == "bpd":
+        if args.timesteps > T:
+            raise UsageError(
+                f"minidiff eval: --timesteps ({args.timesteps}) is above the model's {T} timesteps "
+                f"({where}); give at most {T}, or 0 for all"
+            )
         r = bits_per_dim_report(args.checkpoint, num=args.num, timesteps=args.timesteps, seed=args.seed)
         print(
             f"bits/dim {r['total']:.4f} (prior {r['prior']:.4f}, diffusion terms {r['terms']:.4f}, "
-            f"decoder {r['decoder']:.4f}) over {r['num_images']} held-out images, {r['timesteps']} timesteps"
+            f"decoder {r['decoder']:.4f}) over {r['num_images']} {reference} images, {r['timesteps']} timesteps"
         )
         return 0
+    if not 1 <= args.steps <= T:
+        raise UsageError(f"minidiff eval: --steps must be in [1, {T}] (the model's timesteps), got {args.steps}")
     r = sample_quality_report(
         args.checkpoint, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed
     )
+    if not all(np_isfinite(r[k]) for k in ("fid", "real_fid", "mean_confidence")):
+        raise SamplingFailed(f"minidiff eval: the FID came out non-finite ({r['fid']}): the samples hold NaN")
     print(
-        f"FID (minidiff classifier features, not Inception) {r['fid']:.3f} against held-out images; "
+        f"FID (minidiff classifier features, not Inception) {r['fid']:.3f} against {reference} images; "
         f"{r['real_fid']:.3f} for as many real training images"
     )
     print(f"mean classifier confidence {r['mean_confidence']:.3f}; class histogram {r['class_histogram']}")
     return 0
+
+
+def np_isfinite(value) -> bool:
+    import math
+
+    return math.isfinite(float(value))
 
 
 def cmd_bench(args) -> int:
@@ -253,6 +363,10 @@ def cmd_bench(args) -> int:
             print(f"minidiff bench: {', '.join(kernel_only)} only apply without --unet", file=sys.stderr)
             return 2
 
+        print(
+            f"minidiff bench: the results go to {args.json or 'minidiff-bench-unet.json'} (--json PATH to choose)",
+            file=sys.stderr,
+        )
         try:
             return unet.run_from_args(args)
         except RuntimeError as exc:  # no PyTorch, or a failed measurement process
@@ -267,6 +381,7 @@ def cmd_bench(args) -> int:
         return 2
     if args.json is None:
         args.json = "minidiff-bench.json"
+    print(f"minidiff bench: the results go to {args.json} (--json PATH to choose)", file=sys.stderr)
     return kernels.run_from_args(args)
 
 
@@ -286,20 +401,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(run=cmd_info)
 
+    from minidiff.train.ddpm import TrainConfig
+
+    defaults = TrainConfig()
     train = commands.add_parser(
         "train",
         help="train a DDPM (default: the bundled digits)",
         description="Train a DDPM U-Net. Writes checkpoints, loss.csv, loss.png and sample grids "
-        "to --out. Ctrl-C saves a checkpoint; --resume continues from the newest one.",
+        "to --out. Ctrl-C or SIGTERM (kill, timeout) finishes the step, saves a checkpoint and "
+        "stops; --resume continues from the newest checkpoint. A folder holding a run is never "
+        "started afresh without --overwrite. Unset flags take the --config file's values, then "
+        "the defaults shown (all keys: --help-config).",
     )
-    train.add_argument("--dataset", help="digits (default) | mnist:PATH | cifar10:PATH | folder:PATH")
+    train.add_argument(
+        "--dataset", help=f"digits | mnist:PATH | cifar10:PATH | folder:PATH (default: {defaults.dataset})"
+    )
     train.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
-    train.add_argument("--steps", type=positive_int, help="training steps")
-    train.add_argument("--batch-size", type=positive_int, help="images per step")
-    train.add_argument("--lr", type=float, help="peak learning rate")
-    train.add_argument("--seed", type=int, help="random seed")
-    train.add_argument("--config", help="JSON file of TrainConfig fields")
+    train.add_argument("--steps", type=positive_int, help=f"training steps (default: {defaults.steps})")
+    train.add_argument(
+        "--batch-size", type=positive_int, help=f"images per step (default: {defaults.batch_size})"
+    )
+    train.add_argument(
+        "--lr", type=positive_float, help=f"peak learning rate (default: {defaults.lr}); may change on --resume"
+    )
+    train.add_argument("--seed", type=non_negative_int, help=f"random seed (default: {defaults.seed})")
+    train.add_argument("--config", help="JSON file of TrainConfig fields (see --help-config)")
+    train.add_argument(
+        "--help-config", action="store_true", help="list every --config key with its default, and exit"
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds a run, deleting its checkpoints, logs and samples",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 
@@ -322,17 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("ddpm", "ddim", "pndm", "euler"),
         help="checkpoints: ddpm or ddim (default); pipelines: ddim, pndm or euler (default: the folder's)",
     )
-    sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    sample.add_argument(
+        "--steps", type=int, default=50, help="DDIM steps (default: 50; DDPM always uses all T)"
+    )
+    sample.add_argument(
+        "--eta", type=non_negative_float, default=0.0, help="DDIM eta (default: 0, deterministic)"
+    )
     sample.add_argument(
         "--class", dest="class_label", type=int, help="class to generate (conditional models)"
     )
     sample.add_argument(
         "--guidance",
-        type=float,
-        help="classifier-free guidance scale (1: plain conditional; --pipeline default 7.5)",
+        type=finite_float,
+        help="classifier-free guidance scale (default: none, plain conditional; --pipeline: 7.5)",
     )
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     sample.add_argument("--raw-weights", action="store_true", help="use the training weights, not the EMA")
     sample.add_argument("--out", required=True, help="FILE.png or FILE.npy")
     sample.set_defaults(run=cmd_sample)
@@ -346,16 +485,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--metric", choices=("fid", "bpd"), required=True)
-    evaluate.add_argument("--num", type=positive_int, default=500, help="samples (fid) or images (bpd)")
-    evaluate.add_argument("--steps", type=int, default=50, help="DDIM steps for fid samples")
-    evaluate.add_argument("--guidance", type=float, help="classifier-free guidance for fid samples")
+    evaluate.add_argument(
+        "--num", type=positive_int, default=500, help="samples (fid) or images (bpd) (default: 500)"
+    )
+    evaluate.add_argument("--steps", type=int, default=50, help="DDIM steps for fid samples (default: 50)")
+    evaluate.add_argument(
+        "--guidance", type=finite_float, help="classifier-free guidance for fid samples (default: none)"
+    )
     evaluate.add_argument(
         "--timesteps",
-        type=int,
+        type=non_negative_int,
         default=100,
-        help="bpd: random timesteps per image for the estimate (0: all T)",
+        help="bpd: random timesteps per image for the estimate, at most T (default: 100; 0: all T)",
     )
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     evaluate.set_defaults(run=cmd_eval)
 
     from minidiff.bench.kernels import add_arguments as add_bench_arguments
@@ -388,13 +531,24 @@ def main(argv=None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    from minidiff.io import CheckpointError
+    from minidiff.io import CheckpointError, RunLockedError
 
+    # exit status: 0 done, 2 a user error (as argparse's), 1 a failure, 130 interrupted
     try:
         return args.run(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError, ValueError, RunLockedError) as exc:
         print(f"minidiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except SamplingFailed as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # before training started (or outside it): nothing half-written to save
+        print(f"minidiff {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
