@@ -171,9 +171,13 @@ def cmd_train(args) -> int:
         config.validate()  # every key checked before the dataset is read
         trainer = Trainer(config, out, progress=not args.quiet, overwrite=args.overwrite)
     result = trainer.fit()
+    if io.has_checkpoint(out):
+        saved = f"newest checkpoint {io.resolve_checkpoint(out)}"
+    else:
+        saved = "no checkpoint written"
     print(
         f"{result['status']} at step {result['step']}: samples in {out / 'samples'}, "
-        f"loss curve {out / 'loss.png'}, checkpoints in {out / 'checkpoints'}"
+        f"loss curve {out / 'loss.png'}, {saved}"
     )
     return 0 if result["status"] in ("finished", "interrupted") else 1
 

@@ -534,7 +534,10 @@ class Trainer:
     def _divergence_note(self) -> str:
         """What exists to go back to after a divergence, said as it is."""
         if not io.has_checkpoint(self.out_dir):
-            return "no checkpoint was written before it, so there is nothing to resume"
+            return (
+                "no checkpoint was written before it, so there is nothing to resume; start again "
+                "with a lower --lr (and --overwrite)"
+            )
         where = io.resolve_checkpoint(self.out_dir)
         return (
             f"the newest checkpoint, {where.name} in {where.parent}, was written while the loss was "
