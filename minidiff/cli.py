@@ -162,7 +162,11 @@ def cmd_train(args) -> int:
     else:
         found = existing_run_outputs(out)
         if found and not args.overwrite:
-            held = f"checkpoint {io.resolve_checkpoint(out).name}" if io.has_checkpoint(out) else ", ".join(found)
+            held = (
+                f"checkpoint {io.resolve_checkpoint(out).name}"
+                if io.has_checkpoint(out)
+                else ", ".join(found)
+            )
             raise UsageError(
                 f"minidiff train: {out} already holds a run ({held}); pass --resume to continue it, "
                 "--overwrite to delete it and start afresh, or choose another --out"
@@ -187,7 +191,9 @@ def _check_output_path(out, command: str):
     if out.suffix not in (".png", ".npy"):
         raise UsageError(f"minidiff {command}: --out must end in .png or .npy, got {out}")
     if out.is_dir():
-        raise UsageError(f"minidiff {command}: --out {out} is a folder; give a file name ending in {out.suffix}")
+        raise UsageError(
+            f"minidiff {command}: --out {out} is a folder; give a file name ending in {out.suffix}"
+        )
     for parent in (out.parent, *out.parent.parents):
         if parent.exists():
             if not parent.is_dir():
@@ -333,11 +339,14 @@ def cmd_eval(args) -> int:
         r = bits_per_dim_report(args.checkpoint, num=args.num, timesteps=args.timesteps, seed=args.seed)
         print(
             f"bits/dim {r['total']:.4f} (prior {r['prior']:.4f}, diffusion terms {r['terms']:.4f}, "
-            f"decoder {r['decoder']:.4f}) over {r['num_images']} {reference} images, {r['timesteps']} timesteps"
+            f"decoder {r['decoder']:.4f}) over {r['num_images']} {reference} images, "
+            f"{r['timesteps']} timesteps"
         )
         return 0
     if not 1 <= args.steps <= T:
-        raise UsageError(f"minidiff eval: --steps must be in [1, {T}] (the model's timesteps), got {args.steps}")
+        raise UsageError(
+            f"minidiff eval: --steps must be in [1, {T}] (the model's timesteps), got {args.steps}"
+        )
     r = sample_quality_report(
         args.checkpoint, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed
     )
@@ -367,10 +376,8 @@ def cmd_bench(args) -> int:
             print(f"minidiff bench: {', '.join(kernel_only)} only apply without --unet", file=sys.stderr)
             return 2
 
-        print(
-            f"minidiff bench: the results go to {args.json or 'minidiff-bench-unet.json'} (--json PATH to choose)",
-            file=sys.stderr,
-        )
+        where = args.json or "minidiff-bench-unet.json"
+        print(f"minidiff bench: the results go to {where} (--json PATH to choose)", file=sys.stderr)
         try:
             return unet.run_from_args(args)
         except RuntimeError as exc:  # no PyTorch, or a failed measurement process
@@ -426,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=positive_int, help=f"images per step (default: {defaults.batch_size})"
     )
     train.add_argument(
-        "--lr", type=positive_float, help=f"peak learning rate (default: {defaults.lr}); may change on --resume"
+        "--lr",
+        type=positive_float,
+        help=f"peak learning rate (default: {defaults.lr}); may change on --resume",
     )
     train.add_argument("--seed", type=non_negative_int, help=f"random seed (default: {defaults.seed})")
     train.add_argument("--config", help="JSON file of TrainConfig fields (see --help-config)")

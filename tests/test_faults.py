@@ -26,7 +26,7 @@ import minidiff.diffusion
 from minidiff import io
 from minidiff.cli import main
 from minidiff.io import checkpoint as ckpt
-from minidiff.train import Trainer, TrainingDiverged
+from minidiff.train import Trainer
 from minidiff.train.ddpm import RunExistsError, config_help
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,12 +54,19 @@ def cli_config(folder, **overrides) -> str:
     return str(path)
 
 
+def sample(checkpoint, out, *extra) -> int:
+    argv = ["sample", "--checkpoint", str(checkpoint), "--num", "2", "--steps", "2", "--out", str(out)]
+    return main([*argv, *extra])
+
+
 def files_of(folder) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def hidden(root) -> list[str]:
-    return sorted(p.name for p in Path(root).iterdir() if p.name.startswith(".") and p.name != io.checkpoint.LOCK_FILE)
+    return sorted(
+        p.name for p in Path(root).iterdir() if p.name.startswith(".") and p.name != io.checkpoint.LOCK_FILE
+    )
 
 
 # -- work lost: LATEST missing or stale, fresh runs on a run's folder, two trainers ---------------------
@@ -112,7 +119,9 @@ def test_overwrite_starts_afresh(tmp_path, capsys):
     config = cli_config(tmp_path)
     assert main(["train", "--config", config, "--out", str(out), "--quiet", "--steps", "6"]) == 0
     (out / "notes.txt").write_text("mine")  # not a run output: kept
-    assert main(["train", "--config", config, "--out", str(out), "--quiet", "--overwrite", "--steps", "2"]) == 0
+    assert (
+        main(["train", "--config", config, "--out", str(out), "--quiet", "--overwrite", "--steps", "2"]) == 0
+    )
     assert latest(out) == "step-00000002"
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-00000002"]
     assert [r[0] for r in read_log(out)] == ["step", "1", "2"]
@@ -161,7 +170,11 @@ def test_ctrl_c_on_a_checkpoint_step_writes_it_once(tmp_path, monkeypatch):
     real_step = trainer.train_step
     written = []
     real_save = io.save_checkpoint
-    monkeypatch.setattr(io, "save_checkpoint", lambda root, name, *a, **k: written.append(name) or real_save(root, name, *a, **k))
+    monkeypatch.setattr(
+        io,
+        "save_checkpoint",
+        lambda root, name, *a, **k: written.append(name) or real_save(root, name, *a, **k),
+    )
 
     def step_with_ctrl_c():
         if trainer.step == 3:  # during the 4th step, a checkpoint step
@@ -200,7 +213,9 @@ def snapshots_of_a_save(monkeypatch, tmp_path, out, save) -> dict:
 
 
 @pytest.mark.parametrize("same_name", [False, True], ids=["new-checkpoint", "same-name-overwrite"])
-def test_a_kill_at_any_stage_of_a_checkpoint_write_leaves_a_loadable_run(tmp_path, monkeypatch, straight6, same_name):
+def test_a_kill_at_any_stage_of_a_checkpoint_write_leaves_a_loadable_run(
+    tmp_path, monkeypatch, straight6, same_name
+):
     out = tmp_path / "run"
     if same_name:
         trainer = tiny_trainer(out, steps=4)
@@ -215,16 +230,16 @@ def test_a_kill_at_any_stage_of_a_checkpoint_write_leaves_a_loadable_run(tmp_pat
         newest = {"temp-written": 3, "renamed": 4, "latest-written": 4, "cleaned": 4}
     expected_stages = set(ckpt.STAGES) - (set() if same_name else {"old-moved-aside"})
     assert set(copies) == expected_stages
-    for stage, copy in copies.items():
-        _, state, where = io.load_checkpoint(copy, groups=("model", "ema", "optimizer"))
+    for stage, left in copies.items():
+        _, state, _ = io.load_checkpoint(left, groups=("model", "ema", "optimizer"))
         assert state["step"] == newest[stage], stage
-        resumed = Trainer.resume(copy, progress=False, steps=6)
+        resumed = Trainer.resume(left, progress=False, steps=6)
         resumed.fit()
         assert_bitwise_equal(snapshot(resumed), straight6[0])
-        assert read_log(copy) == straight6[1], stage
+        assert read_log(left) == straight6[1], stage
         # the next write removed what the killed one left behind
-        assert hidden(copy / "checkpoints") == [], stage
-        assert not any(p.name.endswith(".replaced") for p in (copy / "checkpoints").iterdir()), stage
+        assert hidden(left / "checkpoints") == [], stage
+        assert not any(p.name.endswith(".replaced") for p in (left / "checkpoints").iterdir()), stage
 
 
 def test_a_process_killed_between_moving_the_old_checkpoint_aside_and_renaming_the_new(tmp_path, straight6):
@@ -247,7 +262,7 @@ def test_a_process_killed_between_moving_the_old_checkpoint_aside_and_renaming_t
     assert latest(out) == "step-00000004"
     _, state, where = io.load_checkpoint(out)
     assert state["step"] == 4 and where.name == "step-00000004.replaced"
-    assert main(["sample", "--checkpoint", str(out), "--num", "2", "--steps", "2", "--out", str(tmp_path / "x.npy")]) == 0
+    assert sample(out, tmp_path / "x.npy") == 0
     resumed = Trainer.resume(out, progress=False, steps=6)
     resumed.fit()
     assert_bitwise_equal(snapshot(resumed), straight6[0])
@@ -300,10 +315,6 @@ def run(tmp_path_factory):
     out = folder / "run"
     assert main(["train", "--config", cli_config(folder), "--out", str(out), "--quiet"]) == 0
     return out
-
-
-def sample(checkpoint, out, *extra) -> int:
-    return main(["sample", "--checkpoint", str(checkpoint), "--num", "2", "--steps", "2", "--out", str(out), *extra])
 
 
 @pytest.mark.parametrize("flag", ["--eta", "--guidance"])
@@ -384,10 +395,19 @@ def test_every_config_key_is_range_checked_by_name(tmp_path, bad, key):
         tiny_trainer(tmp_path, **copy.deepcopy(bad))
 
 
-@pytest.mark.parametrize("config, key", [("[1, 2]", "JSON object"), ('{"steps": "ten"}', "steps must be an integer"), ('{"model": 3}', "model must be")])
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ("[1, 2]", "JSON object"),
+        ('{"steps": "ten"}', "steps must be an integer"),
+        ('{"model": 3}', "model must be"),
+    ],
+)
 def test_config_files_of_the_wrong_shape_are_errors(tmp_path, capsys, config, key):
     (tmp_path / "c.json").write_text(config)
-    assert main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert (
+        main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    )
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err
 
@@ -420,7 +440,8 @@ def test_a_blown_up_loss_stops_the_run_and_keeps_only_a_sane_checkpoint(tmp_path
 
 def test_a_run_diverging_before_any_checkpoint_says_so(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--config", cli_config(tmp_path, warmup_steps=0), "--lr", "1e6", "--out", str(out), "--quiet"])
+    config = cli_config(tmp_path, warmup_steps=0)
+    code = main(["train", "--config", config, "--lr", "1e6", "--out", str(out), "--quiet"])
     assert code == 1
     text = capsys.readouterr().out
     assert "diverged" in text
@@ -463,11 +484,12 @@ def test_eval_timesteps_are_checked(run, capsys):
 
 def test_eval_bpd_without_held_out_images_says_training_images(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", cli_config(tmp_path, holdout=0, steps=1), "--out", str(out), "--quiet"]) == 0
+    config = cli_config(tmp_path, holdout=0, steps=1)
+    assert main(["train", "--config", config, "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out), "--metric", "bpd", "--num", "2", "--timesteps", "2"]) == 0
     text = capsys.readouterr().out
-    assert "held-out" not in text.replace("holds none out", "") and "training (this run holds none out" in text
+    assert "held-out" not in text and "training (this run holds none out" in text
 
 
 # -- tracebacks: output paths, info ---------------------------------------------------------------------

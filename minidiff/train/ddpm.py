@@ -53,7 +53,9 @@ class ModelConfig:
 class TrainConfig:
     """Everything that defines a run; saved as JSON beside the checkpoints."""
 
-    dataset: str = field(default="digits", metadata={"help": "digits | mnist:PATH | cifar10:PATH | folder:PATH"})
+    dataset: str = field(
+        default="digits", metadata={"help": "digits | mnist:PATH | cifar10:PATH | folder:PATH"}
+    )
     image_size: int | None = field(
         default=None, metadata={"help": "resize the images to this size (null: the dataset's own)"}
     )
@@ -66,7 +68,9 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (> 0); may change on resume"})
     warmup_steps: int = field(default=100, metadata={"help": "steps of linear learning-rate warm-up (>= 0)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (>= 0)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (>= 0; 0: no clipping)"})
+    grad_clip: float = field(
+        default=1.0, metadata={"help": "clip the gradient norm to this (>= 0; 0: no clipping)"}
+    )
     ema_decay: float = field(default=0.999, metadata={"help": "decay of the weights' EMA, in [0, 1]"})
     schedule: str = field(default="linear", metadata={"help": "noise schedule: linear | cosine | sigmoid"})
     timesteps: int = field(default=1000, metadata={"help": "diffusion steps T (>= 1)"})
@@ -100,7 +104,8 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         if not isinstance(values, dict):
             raise ValueError(
-                f"config: must be a JSON object of TrainConfig fields, got {type(values).__name__} {values!r:.60}"
+                "config: must be a JSON object of TrainConfig fields, got "
+                f"{type(values).__name__} {values!r:.60}"
             )
         values = dict(values)
         known = {f.name for f in dataclasses.fields(cls)}
