@@ -374,7 +374,6 @@ class Trainer:
         self._stop_requested = False
         # whether this trainer owns what is in out_dir (it resumed it, or has trained there)
         self._continuing = False
-        self._saved_step = None  # the step of the newest checkpoint this trainer wrote
 
     # -- one step ---------------------------------------------------------------------
     def train_step(self) -> float:
@@ -441,10 +440,9 @@ class Trainer:
         return f"step-{self.step:08d}", arrays, copy_state(self.state()) if copy else self.state()
 
     def save_checkpoint(self, payload=None) -> Path:
+        """Write ``payload`` (from checkpoint_payload), or the current step's checkpoint."""
         name, arrays, state = payload or self.checkpoint_payload()
-        where = io.save_checkpoint(self.checkpoint_dir, name, arrays, state)
-        self._saved_step = state["step"]
-        return where
+        return io.save_checkpoint(self.checkpoint_dir, name, arrays, state)
 
     @classmethod
     def resume(cls, out_dir, progress=True, steps=None, config=None) -> Trainer:
@@ -497,7 +495,6 @@ class Trainer:
         except (KeyError, ValueError, TypeError) as exc:
             raise io.CheckpointError(f"checkpoint {where} does not match its config: {exc}") from None
         trainer._continuing = True
-        trainer._saved_step = trainer.step
         return trainer
 
     # -- the loop ---------------------------------------------------------------------------
