@@ -532,3 +532,36 @@ def test_help_config_lists_every_key(capsys):
     assert main(["train", "--help-config"]) == 0
     out = capsys.readouterr().out
     assert "grad_clip" in out and "model.norm_groups" in out and "sample_steps" in out
+
+
+def test_help_shows_the_defaults(capsys):
+    for command, expected in (
+        ("train", "(default: 900)"),
+        ("sample", "(default: 50"),
+        ("eval", "(default: 100"),
+    ):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert expected in " ".join(capsys.readouterr().out.split()), command
+
+
+def test_bench_says_where_its_json_goes(monkeypatch, capsys):
+    import minidiff.bench.kernels
+
+    monkeypatch.setattr(minidiff.bench.kernels, "run_from_args", lambda args: 0)
+    assert main(["bench"]) == 0
+    assert "results go to minidiff-bench.json" in capsys.readouterr().err
+
+
+def test_readme_says_what_stops_and_overwrites_do():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    for phrase in (
+        "python3 -m venv",
+        "Python 3.10",
+        "Ctrl-C or SIGTERM",
+        "`--overwrite` deletes",
+        "112 GFLOP/s",
+        "from minidiff.testing import gradcheck",
+        "docs/config.md",
+    ):
+        assert phrase in text, phrase
