@@ -551,17 +551,17 @@ class Trainer:
         a checkpoint and returns; a non-finite loss, or one above ``max_loss``, stops the
         run. A checkpoint is written only once the loss of the step after it was sane, so
         the one kept after a divergence is not already blown up. Returns a summary dict."""
-        from tqdm import tqdm
-
         self.out_dir.mkdir(parents=True, exist_ok=True)
         lock = io.RunLock(self.out_dir).acquire()  # a second trainer on this folder is refused
         try:
             self._claim_out_dir()
-            return self._fit_locked(tqdm)
+            return self._fit_locked()
         finally:
             lock.release()
 
-    def _fit_locked(self, tqdm) -> dict:
+    def _fit_locked(self) -> dict:
+        from tqdm import tqdm
+
         _write_text_atomically(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
         log_path = self.out_dir / "loss.csv"
         log = self._open_log()
