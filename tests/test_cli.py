@@ -171,17 +171,15 @@ def test_train_resume_continues_a_run(run, tmp_path, capsys):
 
 
 def test_train_into_a_folder_holding_a_run(run, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--config", str(run.parent / "tiny.json"), "--out", str(run), "--quiet"])
-    message = str(exit_info.value.code)
-    assert exit_info.value.code != 0 and "already holds a run" in message and "--resume" in message
+    assert main(["train", "--config", str(run.parent / "tiny.json"), "--out", str(run), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert "already holds a run" in message and "--resume" in message
     assert io.resolve_checkpoint(run).name == "step-00000004"  # untouched
 
 
-def test_resume_with_nothing_to_resume(tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", str(tmp_path / "empty"), "--resume", "--quiet"])
-    assert "nothing to resume" in str(exit_info.value.code)
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "empty"), "--resume", "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
 
 
 def test_resume_accepts_the_runs_own_config(run, tmp_path, capsys):
@@ -200,25 +198,26 @@ def test_resume_accepts_the_runs_own_config(run, tmp_path, capsys):
 
 def test_resume_names_the_keys_that_differ(run, tmp_path, capsys):
     changed = tmp_path / "changed.json"
-    changed.write_text(json.dumps({**TINY, "lr": 0.5, "model": {**TINY["model"], "base_channels": 16}}))
+    changed.write_text(
+        json.dumps({**TINY, "warmup_steps": 5, "model": {**TINY["model"], "base_channels": 16}})
+    )
     assert main(["train", "--out", str(run), "--resume", "--config", str(changed), "--quiet"]) == 2
     message = capsys.readouterr().err
-    assert "differs from the given one in lr, model.base_channels (only steps may change)" in message
+    assert "differs from the given one in warmup_steps, model.base_channels" in message
+    assert "(only steps, lr, max_loss may change)" in message
     assert main(["train", "--out", str(run), "--resume", "--seed", "7", "--quiet"]) == 2
     assert "in seed (only steps" in capsys.readouterr().err
     assert io.resolve_checkpoint(run).name == "step-00000004"  # untouched
 
 
 def test_train_config_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "a")])
-    assert "does not exist" in str(exit_info.value.code)
+    assert main(["train", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "a")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{steps: 3")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--config", str(bad_json), "--out", str(tmp_path / "b")])
-    assert "not valid JSON" in str(exit_info.value.code)
+    assert main(["train", "--config", str(bad_json), "--out", str(tmp_path / "b")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"stepz": 3}))
@@ -293,29 +292,25 @@ def test_sample_options(run, tmp_path, extra):
     load_npy(tmp_path / "x.npy")
 
 
-def test_sample_unconditional(unconditional_run, tmp_path):
+def test_sample_unconditional(unconditional_run, tmp_path, capsys):
     assert sample(unconditional_run, tmp_path / "x.npy") == 0
     load_npy(tmp_path / "x.npy")
-    with pytest.raises(SystemExit) as exit_info:
-        sample(unconditional_run, tmp_path / "y.npy", "--class", "1")
-    assert "not class-conditional" in str(exit_info.value.code)
-    with pytest.raises(SystemExit) as exit_info:
-        sample(unconditional_run, tmp_path / "y.npy", "--guidance", "2")
-    assert "not class-conditional" in str(exit_info.value.code)
+    assert sample(unconditional_run, tmp_path / "y.npy", "--class", "1") == 2
+    assert "not class-conditional" in capsys.readouterr().err
+    assert sample(unconditional_run, tmp_path / "y.npy", "--guidance", "2") == 2
+    assert "not class-conditional" in capsys.readouterr().err
 
 
-def test_sample_bad_suffix(run, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        sample(run, tmp_path / "x.jpg")
-    assert "--out must end in .png or .npy" in str(exit_info.value.code)
+def test_sample_bad_suffix(run, tmp_path, capsys):
+    assert sample(run, tmp_path / "x.jpg") == 2
+    assert "--out must end in .png or .npy" in capsys.readouterr().err
     assert not (tmp_path / "x.jpg").exists()
 
 
 @pytest.mark.parametrize("label", ["10", "-1"])
-def test_sample_class_out_of_range(run, tmp_path, label):
-    with pytest.raises(SystemExit) as exit_info:
-        sample(run, tmp_path / "x.npy", "--class", label)
-    assert "--class must be in [0, 10)" in str(exit_info.value.code)
+def test_sample_class_out_of_range(run, tmp_path, label, capsys):
+    assert sample(run, tmp_path / "x.npy", "--class", label) == 2
+    assert "--class must be in [0, 10)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])

@@ -198,7 +198,7 @@ def test_eval_num_defaults(run, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "inception_report", inception)
     monkeypatch.setattr(evaluate, "sample_quality_report", classifier)
     for extra in (["--inception", __file__], []):
-        assert main(["eval", "--checkpoint", str(run), "--metric", "fid", *extra]) == 0
+        assert main(["eval", "--checkpoint", str(run), "--metric", "fid", "--steps", "10", *extra]) == 0
     assert seen == {"inception": 10_000, "classifier": 500}
     out = capsys.readouterr().out
     assert "FID-10k (Inception pool3 features, test_fid.py) 1.000 of 10000 samples" in out
