@@ -75,8 +75,16 @@ def cmd_info(args) -> int:
     return 0
 
 
-class UsageError(Exception):
-    """A mistake in the command's arguments or files: one line on stderr, exit status 2."""
+class UsageError(SystemExit):
+    """A mistake in the command's arguments or files: one line on stderr, then exit status 2,
+    as argparse's usage errors (``main`` raises it as argparse raises its SystemExit)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def finite_float(text: str) -> float:
@@ -733,7 +741,7 @@ def main(argv=None) -> int:
         return args.run(args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
-        return 2
+        raise
     except (CheckpointError, FileNotFoundError, ValueError, RunLockedError) as exc:
         print(f"minidiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
