@@ -130,7 +130,7 @@ def load_inception(path, dtype=None) -> InceptionV3:
     fails, naming the file and the keys."""
     path = pathlib.Path(path)
     state = {k: v for k, v in load_torch_file(path).items() if not k.endswith(".num_batches_tracked")}
-    model = InceptionV3(rng=np.random.default_rng(0), dtype=dtype)
+    model = InceptionV3(dtype=dtype, init=False)  # every weight is loaded, or the load fails
     try:
         model.load_state_dict(state)
     except (KeyError, ValueError) as e:

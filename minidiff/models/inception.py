@@ -19,6 +19,7 @@ Attribute names are the keys of the weights file (torchvision's spelling), so it
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ import numpy as np
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE
 from ..nn import Linear, Module, Parameter
+from ..nn.layers import without_init
 
 FID_SIZE = 299  # the input size the FID network was trained and is evaluated at
 FEATURES = 2048
@@ -38,14 +40,19 @@ def _pair(v):
 
 class ConvWeight(Module):
     """The bias-free ``conv`` of a BasicConv2d, with any (kH, kW): the blocks use 1x7, 7x1, 1x3
-    and 3x1 kernels. Initialized as PyTorch does (uniform in +-1/sqrt(fan_in))."""
+    and 3x1 kernels. Initialized as PyTorch does (uniform in +-1/sqrt(fan_in)); ``init=False``
+    leaves it unfilled, for weights loaded right after."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, rng=None, dtype=None):
+    def __init__(self, in_channels, out_channels, kernel_size, rng=None, dtype=None, init=True):
         kh, kw = _pair(kernel_size)
+        shape = (out_channels, in_channels, kh, kw)
+        dtype = dtype or DEFAULT_DTYPE
+        if not init:
+            self.weight = Parameter(np.empty(shape, dtype=dtype))
+            return
         bound = 1 / math.sqrt(in_channels * kh * kw)
         rng = rng if rng is not None else np.random.default_rng()
-        shape = (out_channels, in_channels, kh, kw)
-        self.weight = Parameter(rng.uniform(-bound, bound, size=shape), dtype=dtype or DEFAULT_DTYPE)
+        self.weight = Parameter(rng.uniform(-bound, bound, size=shape), dtype=dtype)
 
 
 class BatchNorm2d(Module):
@@ -67,8 +74,10 @@ class BatchNorm2d(Module):
 class BasicConv2d(Module):
     """conv (no bias) -> batch norm (eps 1e-3, as TensorFlow's graph) -> ReLU."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None, dtype=None):
-        self.conv = ConvWeight(in_channels, out_channels, kernel_size, rng=rng, dtype=dtype)
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None, dtype=None, init=True
+    ):
+        self.conv = ConvWeight(in_channels, out_channels, kernel_size, rng=rng, dtype=dtype, init=init)
         self.bn = BatchNorm2d(out_channels, dtype=dtype)
         self.stride, self.padding = _pair(stride), _pair(padding)
 
@@ -87,8 +96,8 @@ def _avg_pool_3x3(x):
 class FIDInceptionA(Module):
     """Mixed_5b-d (35x35): 1x1, 5x5, double 3x3 and pooled branches, concatenated."""
 
-    def __init__(self, in_channels, pool_features, rng=None, dtype=None):
-        kw = dict(rng=rng, dtype=dtype)
+    def __init__(self, in_channels, pool_features, rng=None, dtype=None, init=True):
+        kw = dict(rng=rng, dtype=dtype, init=init)
         self.branch1x1 = BasicConv2d(in_channels, 64, 1, **kw)
         self.branch5x5_1 = BasicConv2d(in_channels, 48, 1, **kw)
         self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2, **kw)
@@ -108,8 +117,8 @@ class FIDInceptionA(Module):
 class InceptionB(Module):
     """Mixed_6a: 35x35 -> 17x17 by a stride-2 3x3, a double 3x3 and a max pool."""
 
-    def __init__(self, in_channels, rng=None, dtype=None):
-        kw = dict(rng=rng, dtype=dtype)
+    def __init__(self, in_channels, rng=None, dtype=None, init=True):
+        kw = dict(rng=rng, dtype=dtype, init=init)
         self.branch3x3 = BasicConv2d(in_channels, 384, 3, stride=2, **kw)
         self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1, **kw)
         self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1, **kw)
@@ -124,8 +133,8 @@ class InceptionB(Module):
 class FIDInceptionC(Module):
     """Mixed_6b-e (17x17): 7x7 convolutions factored into 1x7 and 7x1."""
 
-    def __init__(self, in_channels, channels_7x7, rng=None, dtype=None):
-        kw = dict(rng=rng, dtype=dtype)
+    def __init__(self, in_channels, channels_7x7, rng=None, dtype=None, init=True):
+        kw = dict(rng=rng, dtype=dtype, init=init)
         c7 = channels_7x7
         self.branch1x1 = BasicConv2d(in_channels, 192, 1, **kw)
         self.branch7x7_1 = BasicConv2d(in_channels, c7, 1, **kw)
@@ -152,8 +161,8 @@ class FIDInceptionC(Module):
 class InceptionD(Module):
     """Mixed_7a: 17x17 -> 8x8 by stride-2 convolutions and a max pool."""
 
-    def __init__(self, in_channels, rng=None, dtype=None):
-        kw = dict(rng=rng, dtype=dtype)
+    def __init__(self, in_channels, rng=None, dtype=None, init=True):
+        kw = dict(rng=rng, dtype=dtype, init=init)
         self.branch3x3_1 = BasicConv2d(in_channels, 192, 1, **kw)
         self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2, **kw)
         self.branch7x7x3_1 = BasicConv2d(in_channels, 192, 1, **kw)
@@ -174,8 +183,8 @@ class FIDInceptionE(Module):
     branch averages (without the padding) in Mixed_7b and takes the 3x3 maximum in Mixed_7c, as
     the TensorFlow graph does (pytorch-fid's FIDInceptionE_1 and FIDInceptionE_2)."""
 
-    def __init__(self, in_channels, max_pool=False, rng=None, dtype=None):
-        kw = dict(rng=rng, dtype=dtype)
+    def __init__(self, in_channels, max_pool=False, rng=None, dtype=None, init=True):
+        kw = dict(rng=rng, dtype=dtype, init=init)
         self.max_pool = max_pool
         self.branch1x1 = BasicConv2d(in_channels, 320, 1, **kw)
         self.branch3x3_1 = BasicConv2d(in_channels, 384, 1, **kw)
@@ -200,9 +209,11 @@ class FIDInceptionE(Module):
 class InceptionV3(Module):
     """The FID Inception network: ``features(images)`` gives the (N, 2048) pool3 features."""
 
-    def __init__(self, num_classes=1008, rng=None, dtype=None):
+    def __init__(self, num_classes=1008, rng=None, dtype=None, init=True):
+        """``init=False`` leaves every weight unfilled (for ``metrics.load_inception``, which loads
+        them all right after: drawing 24M random numbers first costs most of a second)."""
         rng = rng if rng is not None else np.random.default_rng()
-        kw = dict(rng=rng, dtype=dtype)
+        kw = dict(rng=rng, dtype=dtype, init=init)
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2, **kw)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3, **kw)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1, **kw)
@@ -219,7 +230,9 @@ class InceptionV3(Module):
         self.Mixed_7a = InceptionD(768, **kw)
         self.Mixed_7b = FIDInceptionE(1280, **kw)
         self.Mixed_7c = FIDInceptionE(2048, max_pool=True, **kw)
-        self.fc = Linear(FEATURES, num_classes, **kw)  # in the weights file; features() stops before it
+        with contextlib.nullcontext() if init else without_init():
+            # in the weights file; features() stops before it
+            self.fc = Linear(FEATURES, num_classes, rng=rng, dtype=dtype)
 
     def forward(self, images, resize=True):
         return self.features(images, resize=resize)
