@@ -95,12 +95,16 @@ def cmd_train(args) -> int:
 
     from minidiff import io
     from minidiff.train import TrainConfig, Trainer
+    from minidiff.train.t2i import CONFIG_FILE
 
     if args.model == "clip":
         return _train_clip(args)
-    out = Path(args.out)
-    has_run = (out / "checkpoints" / io.LATEST).is_file()
     values = _requested_config(args)
+    out = Path(args.out or ("runs/shapes" if values.get("dataset") == "shapes" else "runs/digits"))
+    if values.get("dataset") == "shapes" or (args.resume and (out / CONFIG_FILE).is_file()):
+        return _train_text_to_image(args, values, out)
+    args.out = out
+    has_run = (out / "checkpoints" / io.LATEST).is_file()
     if args.resume:
         if not has_run:
             raise SystemExit(f"minidiff train: nothing to resume: {out} holds no checkpoint")
@@ -131,7 +135,7 @@ def _train_clip(args) -> int:
         raise SystemExit("minidiff train: --model clip runs start afresh (no --resume)")
     values = _requested_config(args)
     values.setdefault("dataset", "shapes")
-    out = Path(args.out)
+    out = Path(args.out or "runs/clip")
     if (out / "model.safetensors").is_file():
         raise SystemExit(f"minidiff train: {out} already holds a CLIP; choose another --out")
     report = train_clip(CLIPTrainConfig.from_dict(values), out, progress=not args.quiet)
@@ -142,6 +146,38 @@ def _train_clip(args) -> int:
         f"{report['zero_shot_all_attributes']:.1%} (chance 1/{report['num_captions']})"
     )
     return 0
+
+
+def _train_text_to_image(args, values, out) -> int:
+    """``minidiff train --dataset shapes``: every stage of text to image (minidiff.train.t2i);
+    --steps, --batch-size and --lr set the denoiser's (the U-Net and text encoder's)."""
+    from minidiff.train.t2i import CONFIG_FILE, T2IConfig, T2ITrainer
+
+    denoiser = dict(values.pop("denoiser", None) or {})
+    for key in ("steps", "batch_size", "lr"):
+        if key in values:
+            denoiser[key] = values.pop(key)
+    if denoiser:
+        values["denoiser"] = denoiser
+    if args.resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise SystemExit(f"minidiff train: nothing to resume: {out} holds no text-to-image run")
+        trainer = T2ITrainer.resume(out, progress=not args.quiet, config=values)
+        print(f"resuming the text-to-image run in {out}")
+    else:
+        if (out / CONFIG_FILE).is_file():
+            raise SystemExit(
+                f"minidiff train: {out} already holds a run; pass --resume to continue it, or choose "
+                "another --out"
+            )
+        trainer = T2ITrainer(T2IConfig.from_dict(values), out, progress=not args.quiet)
+    result = trainer.fit()
+    print(
+        f"{result['status']} in stage {result['stage']} at step {result['step']}: a Stable Diffusion "
+        f"folder in {out} (sample it with minidiff sample --checkpoint {out} --prompt ...); pictures and "
+        f"loss curves in {out / 'autoencoder'} and {out / 'denoiser'}"
+    )
+    return 0 if result["status"] in ("finished", "interrupted") else 1
 
 
 def cmd_sample(args) -> int:
@@ -162,6 +198,14 @@ def cmd_sample(args) -> int:
         )
     if args.pipeline is not None:
         return _sample_pipeline(args, out)
+    from minidiff.train.t2i import load_run_config
+
+    run = load_run_config(args.checkpoint)
+    if run is not None:  # a text-to-image run: a Stable Diffusion folder
+        if args.guidance is None:
+            args.guidance = run.guidance  # the guidance the run was checked with
+        args.pipeline = args.checkpoint
+        return _sample_pipeline(args, out)
     for flag, value in (
         ("--prompt", args.prompt),
         ("--negative-prompt", args.negative_prompt),
@@ -169,7 +213,9 @@ def cmd_sample(args) -> int:
         ("--width", args.width),
     ):
         if value is not None:
-            raise SystemExit(f"minidiff sample: {flag} needs --pipeline")
+            raise SystemExit(
+                f"minidiff sample: {flag} needs --pipeline (or a text-to-image run as --checkpoint)"
+            )
     if args.sampler in ("pndm", "euler"):
         raise SystemExit(
             f"minidiff sample: --sampler {args.sampler} needs --pipeline (checkpoints: ddpm, ddim)"
@@ -248,28 +294,73 @@ def _sample_pipeline(args, out) -> int:
 
 
 def cmd_eval(args) -> int:
-    from minidiff.train.evaluate import bits_per_dim_report, sample_quality_report
+    from pathlib import Path
+
+    from minidiff.train.evaluate import bits_per_dim_report, inception_report, sample_quality_report
 
     if args.metric == "clip":
+        for flag, value in (("--inception", args.inception), ("--reference", args.reference)):
+            if value is not None:
+                raise SystemExit(f"minidiff eval: {flag} applies to --metric fid only")
         return _eval_clip(args)
     if args.clip is not None:
         raise SystemExit("minidiff eval: --clip applies to --metric clip")
     if args.metric == "bpd":
-        r = bits_per_dim_report(args.checkpoint, num=args.num, timesteps=args.timesteps, seed=args.seed)
+        for flag, value in (("--inception", args.inception), ("--reference", args.reference)):
+            if value is not None:
+                raise SystemExit(f"minidiff eval: {flag} applies to --metric fid only")
+        num = 500 if args.num is None else args.num
+        r = bits_per_dim_report(args.checkpoint, num=num, timesteps=args.timesteps, seed=args.seed)
         print(
             f"bits/dim {r['total']:.4f} (prior {r['prior']:.4f}, diffusion terms {r['terms']:.4f}, "
             f"decoder {r['decoder']:.4f}) over {r['num_images']} held-out images, {r['timesteps']} timesteps"
         )
         return 0
+    if args.inception is not None:
+        if not Path(args.inception).is_file():
+            raise SystemExit(f"minidiff eval: --inception {args.inception}: no such file")
+        num = 10_000 if args.num is None else args.num
+        r = inception_report(
+            args.checkpoint,
+            args.inception,
+            num=num,
+            reference_num=args.reference,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+        )
+        print(
+            f"FID-{_count(num)} (Inception pool3 features, {Path(r['weights']).name}) {r['fid']:.3f} "
+            f"of {num} samples against {r['num_reference']} training images"
+        )
+        print(f"KID {r['kid']:.5f} +- {r['kid_std']:.5f} (the same features)")
+        if not r["standard_weights"]:
+            print(
+                f"warning: {r['weights']} has sha256 {r['weights_sha256'][:8]}..., not the standard "
+                f"pytorch-fid weights (6726825d...): not comparable with published FIDs"
+            )
+        return 0
+    if args.reference is not None:
+        raise SystemExit("minidiff eval: --reference applies with --inception only")
+    num = 500 if args.num is None else args.num
     r = sample_quality_report(
-        args.checkpoint, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed
+        args.checkpoint, num=num, steps=args.steps, guidance=args.guidance, seed=args.seed
     )
     print(
         f"FID (minidiff classifier features, not Inception) {r['fid']:.3f} against held-out images; "
         f"{r['real_fid']:.3f} for as many real training images"
     )
     print(f"mean classifier confidence {r['mean_confidence']:.3f}; class histogram {r['class_histogram']}")
+    print(
+        f"KID {r['kid']:.5f} +- {r['kid_std']:.5f} (classifier features). For the FID papers report, "
+        "pass --inception pt_inception-2015-12-05-6726825d.pth (pytorch-fid's weights)"
+    )
     return 0
+
+
+def _count(num: int) -> str:
+    """10000 -> "10k", as FID-10k and FID-50k are written."""
+    return f"{num // 1000}k" if num % 1000 == 0 else str(num)
 
 
 def _eval_clip(args) -> int:
@@ -293,7 +384,7 @@ def _eval_clip(args) -> int:
     def sample(prompts):
         return pipe(prompts, num_steps=args.steps, guidance=guidance, seed=args.seed) * 2 - 1
 
-    r = clip_score_report(clip, sample=sample, num=args.num, seed=args.seed)
+    r = clip_score_report(clip, sample=sample, num=100 if args.num is None else args.num, seed=args.seed)
     print(
         f"CLIP score ({clip}) {r['samples']:.2f} for {r['num_pairs']} samples of held-out captions; "
         f"real image-caption pairs {r['real']:.2f}, mismatched pairs {r['mismatched']:.2f}"
@@ -350,14 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a DDPM U-Net. Writes checkpoints, loss.csv, loss.png and sample grids "
         "to --out. Ctrl-C saves a checkpoint; --resume continues from the newest one.",
     )
-    train.add_argument("--dataset", help="digits (default) | mnist:PATH | cifar10:PATH | folder:PATH")
+    train.add_argument(
+        "--dataset",
+        help="digits (default) | mnist:PATH | cifar10:PATH | folder:PATH; shapes: text to image "
+        "(autoencoder, text encoder and U-Net, into a Stable Diffusion folder)",
+    )
     train.add_argument(
         "--model",
         choices=("unet", "clip"),
         default="unet",
         help="unet: a DDPM (default); clip: a small CLIP, contrastively on the captions (--dataset shapes)",
     )
-    train.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
+    train.add_argument("--out", help="output folder (default: runs/DATASET, runs/clip for --model clip)")
     train.add_argument("--steps", type=positive_int, help="training steps")
     train.add_argument("--batch-size", type=positive_int, help="images per step")
     train.add_argument("--lr", type=float, help="peak learning rate")
@@ -374,9 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt with a Stable Diffusion folder in diffusers' layout (--pipeline). .png writes a grid, "
         ".npy a uint8 array (N, C, H, W).",
     )
-    sample.add_argument("--checkpoint", help="a run folder or a checkpoint folder")
+    sample.add_argument(
+        "--checkpoint",
+        help="a run folder or a checkpoint folder (a text-to-image run samples from --prompt)",
+    )
     sample.add_argument("--pipeline", help="a Stable Diffusion folder (model_index.json, unet/, vae/, ...)")
-    sample.add_argument("--prompt", help="the text to draw (--pipeline)")
+    sample.add_argument("--prompt", help="the text to draw (--pipeline, or a text-to-image run)")
     sample.add_argument("--negative-prompt", help="what to steer away from (--pipeline)")
     sample.add_argument("--height", type=positive_int, help="image height (--pipeline; default: the model's)")
     sample.add_argument("--width", type=positive_int, help="image width (--pipeline; default: the model's)")
@@ -403,19 +501,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="FID (on minidiff's own classifier), bits per dimension or CLIP score",
-        description="fid: Frechet distance between samples and the data on the features of a small "
-        "classifier minidiff trains on the dataset (not Inception FID: not comparable with published "
-        "numbers), plus mean confidence and class histogram. bpd: the variational bound in bits/dim. "
-        "clip: the CLIP score of a text-to-image run's samples for held-out captions, beside the "
-        "score of the real image-caption pairs and of mismatched pairs.",
+        help="FID and KID (Inception, or minidiff's own classifier), bits per dimension or CLIP score",
+        description="fid with --inception FILE: FID and KID of samples against the training images "
+        "on the FID Inception network (pytorch-fid's pt_inception-2015-12-05-6726825d.pth), the "
+        "numbers papers report; FID-10k by default, --num 50000 for FID-50k. fid without it: the "
+        "Frechet distance and KID on the features of a small classifier minidiff trains on the "
+        "dataset (not comparable with published numbers), plus mean confidence and class histogram. "
+        "bpd: the variational bound in bits/dim. clip: the CLIP score of a text-to-image run's samples "
+        "for held-out captions, beside the score of the real image-caption pairs and of mismatched pairs.",
     )
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--metric", choices=("fid", "bpd", "clip"), required=True)
     evaluate.add_argument(
+        "--num",
+        type=positive_int,
+        help="samples (fid: 10000 with --inception, else 500), held-out images (bpd: 500) or "
+        "held-out captions (clip: 100)",
+    )
+    evaluate.add_argument(
+        "--inception",
+        metavar="FILE",
+        help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth from "
+        "github.com/mseitzer/pytorch-fid/releases); read without torch",
+    )
+    evaluate.add_argument(
+        "--reference",
+        type=positive_int,
+        metavar="N",
+        help="fid with --inception: N random training images as the reference (default: all)",
+    )
+    evaluate.add_argument(
         "--clip", help="clip: a transformers CLIP folder to score with (default: the run's own, RUN/clip)"
     )
-    evaluate.add_argument("--num", type=positive_int, default=500, help="samples (fid) or images (bpd)")
     evaluate.add_argument("--steps", type=int, default=50, help="DDIM steps for fid samples")
     evaluate.add_argument("--guidance", type=float, help="classifier-free guidance for fid samples")
     evaluate.add_argument(

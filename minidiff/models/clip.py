@@ -206,6 +206,8 @@ class CLIPTextModel(Module, Pretrained):
             "eos_token_id": eos_token_id,
         }
 
+    library = "transformers"
+
     # -- building from a transformers config --------------------------------------------------
     @classmethod
     def from_config(cls, config: dict, dtype=None, source="config"):
@@ -232,6 +234,14 @@ class CLIPTextModel(Module, Pretrained):
         return _strip_prefix(
             weights, PREFIX, drop=(POSITION_IDS, PROJECTION) if with_projection else (POSITION_IDS,)
         )
+
+    def pretrained_config(self) -> dict:
+        return {**super().pretrained_config(), "model_type": "clip_text_model"}
+
+    def export_weights(self) -> dict:
+        """The parameters under transformers' names: the ``text_model.`` prefix its CLIPTextModel
+        files carry."""
+        return {PREFIX + name: value for name, value in self.state_dict().items()}
 
     # -- the forward pass ----------------------------------------------------------------------
     def _ids(self, input_ids):
