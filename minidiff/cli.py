@@ -135,7 +135,7 @@ def _train_clip(args) -> int:
         raise SystemExit("minidiff train: --model clip runs start afresh (no --resume)")
     values = _requested_config(args)
     values.setdefault("dataset", "shapes")
-    out = Path(args.out or "runs/clip")
+    out = Path(args.out or f"runs/{values['dataset']}/clip")  # the run's own: eval's default
     if (out / "model.safetensors").is_file():
         raise SystemExit(f"minidiff train: {out} already holds a CLIP; choose another --out")
     report = train_clip(CLIPTrainConfig.from_dict(values), out, progress=not args.quiet)
@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="unet",
         help="unet: a DDPM (default); clip: a small CLIP, contrastively on the captions (--dataset shapes)",
     )
-    train.add_argument("--out", help="output folder (default: runs/DATASET, runs/clip for --model clip)")
+    train.add_argument("--out", help="output folder (default: runs/DATASET; --model clip: runs/DATASET/clip)")
     train.add_argument("--steps", type=positive_int, help="training steps")
     train.add_argument("--batch-size", type=positive_int, help="images per step")
     train.add_argument("--lr", type=float, help="peak learning rate")

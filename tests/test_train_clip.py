@@ -212,6 +212,8 @@ def test_train_model_clip_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert CLIPModel.from_pretrained(out).tokenizer is not None
     with pytest.raises(SystemExit, match="already holds a CLIP"):
         main(args)
+    monkeypatch.chdir(tmp_path)  # by default the shapes run's own CLIP, where eval looks for it
+    assert main(args[:-3] + ["--quiet"]) == 0 and (tmp_path / "runs/shapes/clip/model.safetensors").is_file()
 
 
 def test_a_batch_never_repeats_a_caption():
