@@ -210,7 +210,7 @@ def _train_clip(args) -> int:
         raise UsageError("minidiff train: --model clip runs start afresh (no --resume)")
     values = _requested_config(args)
     values.setdefault("dataset", "shapes")
-    out = Path(args.out or "runs/clip")
+    out = Path(args.out or f"runs/{values['dataset']}/clip")  # the run's own: eval's default
     if (out / "model.safetensors").is_file():
         raise UsageError(f"minidiff train: {out} already holds a CLIP; choose another --out")
     report = train_clip(CLIPTrainConfig.from_dict(values), out, progress=not args.quiet)
@@ -592,7 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="unet",
         help="unet: a DDPM (default); clip: a small CLIP, contrastively on the captions (--dataset shapes)",
     )
-    train.add_argument("--out", help="output folder (default: runs/DATASET, runs/clip for --model clip)")
+    train.add_argument(
+        "--out", help="output folder (default: runs/DATASET; --model clip: runs/DATASET/clip)"
+    )
     train.add_argument("--steps", type=positive_int, help=f"training steps (default: {defaults.steps})")
     train.add_argument(
         "--batch-size", type=positive_int, help=f"images per step (default: {defaults.batch_size})"

@@ -23,6 +23,7 @@ from minidiff.train.clip import (
     contrastive_loss,
     distinct_caption_batch,
     train_clip,
+    write_word_tokenizer,
 )
 from minidiff.train.evaluate import clip_score_report
 
@@ -211,6 +212,8 @@ def test_train_model_clip_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert CLIPModel.from_pretrained(out).tokenizer is not None
     with pytest.raises(SystemExit, match="already holds a CLIP"):
         main(args)
+    monkeypatch.chdir(tmp_path)  # by default the shapes run's own CLIP, where eval looks for it
+    assert main(args[:-3] + ["--quiet"]) == 0 and (tmp_path / "runs/shapes/clip/model.safetensors").is_file()
 
 
 def test_a_batch_never_repeats_a_caption():
@@ -220,3 +223,17 @@ def test_a_batch_never_repeats_a_caption():
     assert all(len(b) == 4 and len(set(codes[b])) == 4 for b in batches)
     assert len({int(i) for b in batches for i in b}) > 25  # every image takes its turn
     assert sorted(codes[distinct_caption_batch(codes, 9, rng)]) == [0, 1, 2, 3, 4]  # at most one each
+
+
+def test_the_tokenizer_fits_every_caption_whole(tmp_path):
+    """'triangle' meets the 'ri' merge of 'right' first and splits; the length is measured, so no
+    caption loses its end (the position) to truncation."""
+    texts = ["a large purple triangle at the bottom right", "a small red circle at the top left"]
+    tokenizer = write_word_tokenizer(tmp_path, texts)
+    lengths = [len(tokenizer.encode(t)) for t in texts]
+    assert lengths[0] > len(texts[0].split()) + 2  # more tokens than words
+    assert tokenizer.model_max_length == max(lengths)
+    for text, ids in zip(texts, tokenizer(texts)):
+        assert ids.tolist()[: len(tokenizer.encode(text))] == tokenizer.encode(text)
+    theirs = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    assert theirs(texts)["input_ids"][0] == tokenizer.encode(texts[0])

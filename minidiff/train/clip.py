@@ -133,9 +133,11 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
 
-def write_word_tokenizer(folder, texts, model_max_length) -> CLIPTokenizer:
-    """Write a CLIP tokenizer folder whose BPE merges spell every word of ``texts`` whole (one
-    token per word; any other text still tokenizes, byte by byte), and return it loaded."""
+def write_word_tokenizer(folder, texts) -> CLIPTokenizer:
+    """Write a CLIP tokenizer folder whose BPE merges spell the words of ``texts`` (any other
+    text still tokenizes, byte by byte) and return it loaded. BPE applies merges by rank, so a
+    word can still split where another word's merge comes first ("triangle" meets the "ri" of
+    "right"); ``model_max_length`` is therefore measured, the longest of ``texts`` encoded."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbol = bytes_to_unicode()
@@ -157,14 +159,13 @@ def write_word_tokenizer(folder, texts, model_max_length) -> CLIPTokenizer:
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
-    config = {
-        **special,
-        "model_max_length": model_max_length,
-        "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = {**special, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 2**20}))
+    longest = max(len(CLIPTokenizer.from_pretrained(folder).encode(text)) for text in texts)
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**config, "model_max_length": longest}, indent=2)
+    )
     return CLIPTokenizer.from_pretrained(folder)
 
 
@@ -243,8 +244,7 @@ def train_clip(config: CLIPTrainConfig, out_dir, task: CaptionTask | None = None
     task = task if task is not None else load_task(config.dataset, config.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    longest = max(len(c.split()) for c in [*task.train_captions, *all_captions(task)[0]])
-    tokenizer = write_word_tokenizer(out, task.train_captions + all_captions(task)[0], longest + 2)
+    tokenizer = write_word_tokenizer(out, task.train_captions + all_captions(task)[0])
     model = build_clip(config, tokenizer, task.train_images.shape[1:])
     pixels = pixel_values(model, task.train_images)
     ids = tokenizer(task.train_captions)
