@@ -524,6 +524,24 @@ def np_isfinite(value) -> bool:
 
 
 def cmd_bench(args) -> int:
+    sd_only = [flag for flag, given in (("--parts", args.parts), ("--tiny", args.tiny)) if given]
+    if args.sd:
+        from minidiff.bench import sd
+
+        if args.unet:
+            print("minidiff bench: give --sd or --unet, not both", file=sys.stderr)
+            return 2
+        where = args.json or "minidiff-bench-sd.json"
+        print(f"minidiff bench: the results go to {where} (--json PATH to choose)", file=sys.stderr)
+        args.parts = args.parts or list(sd.PARTS)
+        try:
+            return sd.run_from_args(args)
+        except RuntimeError as exc:  # no PyTorch / diffusers, or a failed measurement process
+            print(f"minidiff bench --sd: {exc}", file=sys.stderr)
+            return 1
+    if sd_only:
+        print(f"minidiff bench: {', '.join(sd_only)} only apply with --sd", file=sys.stderr)
+        return 2
     if args.unet:
         from minidiff.bench import unet
 
@@ -592,9 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="unet",
         help="unet: a DDPM (default); clip: a small CLIP, contrastively on the captions (--dataset shapes)",
     )
-    train.add_argument(
-        "--out", help="output folder (default: runs/DATASET; --model clip: runs/DATASET/clip)"
-    )
+    train.add_argument("--out", help="output folder (default: runs/DATASET; --model clip: runs/DATASET/clip)")
     train.add_argument("--steps", type=positive_int, help=f"training steps (default: {defaults.steps})")
     train.add_argument(
         "--batch-size", type=positive_int, help=f"images per step (default: {defaults.batch_size})"
@@ -711,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="time every kernel implementation (or, with --unet, the U-Net) against PyTorch",
+        help="time every kernel implementation (or, with --unet, the U-Net; with --sd, Stable "
+        "Diffusion at full size) against PyTorch",
         description="Measure this machine's ceilings (float32 GEMM GFLOP/s, copy GB/s), then every "
         "kernel op on realistic U-Net shapes with each implementation (reference, numba, native) and "
         "the same work in PyTorch if it is installed: median ms, ratios, GB/s and % of the ceiling. "
@@ -726,7 +743,18 @@ def build_parser() -> argparse.ArgumentParser:
         "minidiff-bench-unet.json)",
     )
     add_unet_bench_arguments(bench, repeats_and_json=False)
-    bench.set_defaults(run=cmd_bench)
+    bench.add_argument(
+        "--sd",
+        action="store_true",
+        help="Stable Diffusion at full size instead: the SD v1.5 U-Net, VAE decoder and CLIP text "
+        "encoder against diffusers (needs PyTorch, diffusers, transformers; JSON default: "
+        "minidiff-bench-sd.json)",
+    )
+    bench.add_argument(
+        "--parts", nargs="+", choices=("unet", "vae", "text"), help="--sd: which (default: all)"
+    )
+    bench.add_argument("--tiny", action="store_true", help="--sd: small configs of the same blocks")
+    bench.set_defaults(run=cmd_bench, image_steps=25)
     return parser
 
 

@@ -198,3 +198,10 @@ def test_sd_bench_tiny_runs_both_frameworks_on_one_folder(tmp_path, capsys):
             assert row[fw]["seconds"] > 0 and row[fw]["peak_mb"] >= row[fw]["loaded_mb"] > 0
         assert row["time_ratio"] == pytest.approx(row["minidiff"]["seconds"] / row["torch"]["seconds"])
     assert "U-Net forward, 2x4x16x16 + 2x77x32" in capsys.readouterr().out
+
+
+def test_cli_bench_sd_options_are_refused_elsewhere(capsys):
+    assert cli_main(["bench", "--tiny", "--quick"]) == 2
+    assert "--tiny only apply with --sd" in capsys.readouterr().err
+    assert cli_main(["bench", "--sd", "--unet"]) == 2
+    assert "give --sd or --unet, not both" in capsys.readouterr().err
