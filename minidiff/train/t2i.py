@@ -84,25 +84,25 @@ class AutoencoderConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 16
     latent_channels: int = 4
-    steps: int = 500
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 50
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 30
     kl_weight: float = 1e-6
-    ema_decay: float = 0.99
+    ema_decay: float = 0.95  # a short average: the autoencoder is still improving at its end
 
 
 @dataclass
 class DenoiserConfig:
-    block_out_channels: tuple = (64, 128)  # 8x8 and 4x4 latents, cross-attention at both
+    block_out_channels: tuple = (32, 64)  # 8x8 and 4x4 latents, cross-attention at both
     layers_per_block: int = 1
-    attention_heads: int = 4
-    norm_num_groups: int = 32
-    text_width: int = 128
+    attention_heads: int = 2
+    norm_num_groups: int = 8
+    text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = 12  # "a small red circle at the top left" is 8 words + start and end
-    steps: int = 1500
+    steps: int = 1300
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -122,7 +122,7 @@ class T2IConfig:
     seed: int = 0
     grad_clip: float = 1.0
     log_every: int = 10
-    sample_every: int = 250
+    sample_every: int = 500
     checkpoint_every: int = 250
     sample_steps: int = 25
     guidance: float = 3.0  # the default guidance of sampling and of the quality benchmark
