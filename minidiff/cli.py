@@ -495,6 +495,7 @@ def _eval_clip(args) -> int:
 
     from minidiff.pipelines import StableDiffusion
     from minidiff.train.evaluate import clip_score_report
+    from minidiff.train.t2i import load_run_config
 
     run = Path(args.checkpoint)
     clip = Path(args.clip) if args.clip is not None else run / "clip"
@@ -504,15 +505,23 @@ def _eval_clip(args) -> int:
             f"--model clip --out {clip}`, or give --clip DIR (a transformers CLIP folder)"
         )
     pipe = StableDiffusion.from_pretrained(run)
-    guidance = 7.5 if args.guidance is None else args.guidance
+    guidance = args.guidance
+    if guidance is None:  # a minidiff run's own guidance, else Stable Diffusion's usual 7.5
+        config = load_run_config(run)
+        guidance = 7.5 if config is None else config.guidance
 
     def sample(prompts):
         return pipe(prompts, num_steps=args.steps, guidance=guidance, seed=args.seed) * 2 - 1
 
     r = clip_score_report(clip, sample=sample, num=100 if args.num is None else args.num, seed=args.seed)
+
+    def score(name):  # the clamp at 0 hides how far below: say it
+        below = f" (mean {r[name + '_unclamped']:.2f} before the clamp)" if r[name + "_unclamped"] < 0 else ""
+        return f"{r[name]:.2f}{below}"
+
     print(
-        f"CLIP score ({clip}) {r['samples']:.2f} for {r['num_pairs']} samples of held-out captions; "
-        f"real image-caption pairs {r['real']:.2f}, mismatched pairs {r['mismatched']:.2f}"
+        f"CLIP score ({clip}) {score('samples')} for {r['num_pairs']} samples of held-out captions; "
+        f"real image-caption pairs {score('real')}, mismatched pairs {score('mismatched')}"
     )
     return 0
 

@@ -1,6 +1,6 @@
 """Training a small CLIP contrastively on captioned images, and its zero-shot report.
 
-    report = train_clip(CLIPTrainConfig(steps=1500), "runs/shapes/clip")   # the shapes captions
+    report = train_clip(CLIPTrainConfig(), "runs/shapes/clip")   # the shapes captions
 
 Each step draws a batch of (image, caption) pairs, no two with the same caption, embeds both,
 and minimises the symmetric InfoNCE loss: with logits = exp(logit_scale) * cos(text_i, image_j),
@@ -44,14 +44,14 @@ class CLIPTrainConfig:
     """A small CLIP for small images: both towers ``width`` wide and ``layers`` deep."""
 
     dataset: str = "shapes"
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
     grad_clip: float = 1.0
     seed: int = 0
-    patch_size: int = 4
+    patch_size: int = 8
     width: int = 64
     layers: int = 2
     heads: int = 4
@@ -162,7 +162,8 @@ def write_word_tokenizer(folder, texts) -> CLIPTokenizer:
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {**special, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 2**20}))
-    longest = max(len(CLIPTokenizer.from_pretrained(folder).encode(text)) for text in texts)
+    measuring = CLIPTokenizer.from_pretrained(folder)
+    longest = max(len(measuring.encode(text)) for text in set(texts))
     (folder / "tokenizer_config.json").write_text(
         json.dumps({**config, "model_max_length": longest}, indent=2)
     )

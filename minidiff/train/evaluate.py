@@ -16,7 +16,7 @@ from .. import runtime
 from ..diffusion import ddim_sample
 from ..metrics import (
     INCEPTION_SHA256_PREFIX,
-    clip_score,
+    clip_scores,
     features_and_probs,
     fid_from_features,
     file_sha256,
@@ -169,7 +169,8 @@ def clip_score_report(clip, sample=None, task=None, num=100, seed=0, batch_size=
     of mismatched pairs (each image against the caption of another image with a different
     caption: the floor a model that ignores its prompt stays near), and, given ``sample``
     (prompts -> images (N, 3, H, W), uint8 or in [-1, 1]), of images sampled for those captions,
-    ``batch_size`` prompts at a time.
+    ``batch_size`` prompts at a time. Each score is clamped at 0, as clip_score's is; the
+    ``*_unclamped`` entries hold the means before the clamp.
     """
     from ..models.clip import CLIPModel
     from .clip import load_task
@@ -182,14 +183,15 @@ def clip_score_report(clip, sample=None, task=None, num=100, seed=0, batch_size=
     images = task.held_out_images[index]
     captions = [task.held_out_captions[i] for i in index]
     others = _mismatched(captions, rng)
-    report = {
-        "num_pairs": count,
-        "real": clip_score(images, captions, model),
-        "mismatched": clip_score(images, others, model),
-    }
+    pairs = {"real": (images, captions), "mismatched": (images, others)}
     if sample is not None:
         samples = np.concatenate([sample(captions[i : i + batch_size]) for i in range(0, count, batch_size)])
-        report["samples"] = clip_score(samples, captions, model)
+        pairs["samples"] = (samples, captions)
+    report = {"num_pairs": count}
+    for name, (x, texts) in pairs.items():
+        mean = float(clip_scores(x, texts, model).mean())
+        report[name] = max(mean, 0.0)  # clip_score's clamp
+        report[f"{name}_unclamped"] = mean  # where the clamp hides how far below 0 it is
     return report
 
 
