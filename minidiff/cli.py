@@ -103,7 +103,8 @@ def cmd_train(args) -> int:
         if not has_run:
             raise SystemExit(f"minidiff train: nothing to resume: {out} holds no checkpoint")
         trainer = Trainer.resume(out, progress=not args.quiet, config=values)
-        print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
+        if trainer.world.is_root:  # under mpiexec, rank 0 alone prints
+            print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
     else:
         if has_run:
             raise SystemExit(
@@ -112,10 +113,11 @@ def cmd_train(args) -> int:
             )
         trainer = Trainer(TrainConfig.from_dict(values), out, progress=not args.quiet)
     result = trainer.fit()
-    print(
-        f"{result['status']} at step {result['step']}: samples in {out / 'samples'}, "
-        f"loss curve {out / 'loss.png'}, checkpoints in {out / 'checkpoints'}"
-    )
+    if trainer.world.is_root:
+        print(
+            f"{result['status']} at step {result['step']}: samples in {out / 'samples'}, "
+            f"loss curve {out / 'loss.png'}, checkpoints in {out / 'checkpoints'}"
+        )
     return 0 if result["status"] in ("finished", "interrupted") else 1
 
 

@@ -7,6 +7,11 @@ A run stopped at step k (Ctrl-C, a crash, ``steps=k``) and resumed with
 ``Trainer.resume(out_dir)`` reaches exactly the weights of an uninterrupted run:
 the checkpoint holds the weights, the optimizer moments, the EMA, the batch
 iterator's position and every random generator's state.
+
+Under ``mpiexec -n N`` each rank trains on its share of every global batch (the
+images, noise and timesteps of the one-process run) and the gradients are
+averaged across the ranks (minidiff.distributed); rank 0 alone writes files and
+output. A checkpoint is the one-process run's, so it resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io
+from .. import distributed, io
 from ..data import BatchIterator, load_dataset, save_grid
 from ..diffusion import GaussianDiffusion, ddim_sample
 from ..models import UNet
@@ -167,7 +173,9 @@ def _set_rng_state(rng: np.random.Generator, state: dict):
 class Trainer:
     def __init__(self, config: TrainConfig, out_dir, progress=True):
         config.validate()
-        self.config, self.out_dir, self.progress = config, Path(out_dir), progress
+        self.world = distributed.setup()  # a world of one outside mpiexec
+        self.world.shard(config.batch_size)  # refuses a batch smaller than the ranks
+        self.config, self.out_dir, self.progress = config, Path(out_dir), progress and self.world.is_root
         self.dataset, self.held_out = load_split(config)
         images = self.dataset.images
         num_classes = self.dataset.num_classes if config.class_conditional else None
@@ -197,9 +205,12 @@ class Trainer:
         # One generator for timesteps, noise, label dropout and the model's dropout
         # layers, so a checkpoint captures all randomness in one state.
         self.rng = np.random.default_rng(config.seed + 1)
+        # What a step draws from: self.rng, or with several ranks this rank's rows of its draws
+        self.draws = self.world.generator(self.rng)
         for module in self.model.modules():
             if isinstance(module, Dropout):
-                module.rng = self.rng
+                module.rng = self.draws
+        self.averager = self.world.averager(self.params)  # None in a world of one
         self.batches = BatchIterator(self.dataset, config.batch_size, seed=config.seed, flip=config.flip)
         self.step = 0
         self._stop_requested = False
@@ -211,12 +222,22 @@ class Trainer:
         if self.num_classes is not None:
             y = np.asarray(labels, dtype=np.int64).copy()
             y[self.rng.random(len(y)) < self.config.class_dropout] = self.num_classes  # the null class
-        loss = self.diffusion.training_loss(self.model, images, y=y, generator=self.rng)
+        n = len(images)
+        lo, hi = self.world.shard(n)
+        if self.averager is not None:  # this rank's rows of the step (the whole of it in a world of one)
+            self.draws.shard(lo, hi, n)
+            images, y = images[lo:hi], (y[lo:hi] if y is not None else None)
+        loss = self.diffusion.training_loss(self.model, images, y=y, generator=self.draws)
         value = loss.item()
+        if self.averager is not None:  # the mean over the whole batch, so every rank agrees
+            value = self.world.sum(value * (hi - lo) / n)
         if not math.isfinite(value):
             raise TrainingDiverged(f"loss became {value} at step {self.step + 1}")
         self.optimizer.zero_grad()
-        loss.backward()
+        if self.averager is None:
+            loss.backward()
+        else:
+            self.averager.backward(loss, weight=(hi - lo) / n)
         if self.config.grad_clip:
             clip_grad_norm(self.params, self.config.grad_clip)
         self.optimizer.lr = warmup_lr(self.step, self.config.lr, self.config.warmup_steps)
@@ -247,7 +268,10 @@ class Trainer:
             "ema": {"decay": self.ema.decay, "updates": self.ema.updates},
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0 alone; other ranks return None)."""
+        if not self.world.is_root:
+            return None
         names = [n for n, _ in self.model.named_parameters()]
         opt = self.optimizer.state_dict()
         arrays = {
@@ -312,14 +336,18 @@ class Trainer:
         last good checkpoint. Returns a summary dict."""
         from tqdm import tqdm
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        root = self.world.is_root
+        self.world.begin()
+        self.world.broadcast([p.data for p in self.params] + self.ema.shadow)
         log_path = self.out_dir / "loss.csv"
-        rows = _loss_rows_up_to(log_path, self.step)  # rows past a resumed step are redone
-        log = open(log_path, "w", newline="")
+        if root:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+            rows = _loss_rows_up_to(log_path, self.step)  # rows past a resumed step are redone
+        log = open(log_path if root else os.devnull, "w", newline="")
         writer = csv.writer(log)
         writer.writerow(["step", "loss", "lr"])
-        writer.writerows(rows)
+        writer.writerows(rows if root else [])
         self._stop_requested = False
         # signal handlers can only be installed from the main thread
         in_main_thread = threading.current_thread() is threading.main_thread()
@@ -348,20 +376,26 @@ class Trainer:
                     self.save_samples()
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.save_checkpoint()
-                if self._stop_requested:
+                if self.world.any(self._stop_requested):  # every rank stops at the same step
                     status = "interrupted"
                     self.save_checkpoint()
                     break
         except TrainingDiverged as exc:
             status = "diverged"
-            bar.write(f"stopping: {exc}; the last good checkpoint is kept in {self.checkpoint_dir}")
+            if root:
+                bar.write(f"stopping: {exc}; the last good checkpoint is kept in {self.checkpoint_dir}")
+        except BaseException as exc:
+            self.world.fail(exc)  # with several ranks: stop the others, which would wait forever
+            raise
         finally:
             bar.close()
             log.close()
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous_handler)
-            plot_loss(log_path, self.out_dir / "loss.png")
-        if status == "interrupted":
+            if root:
+                plot_loss(log_path, self.out_dir / "loss.png")
+        self.world.close()
+        if status == "interrupted" and root:
             print(f"interrupted at step {self.step}; checkpoint saved, resume with --resume")
         return {"status": status, "step": self.step, "out_dir": str(self.out_dir)}
 
@@ -374,7 +408,9 @@ class Trainer:
 
     def save_samples(self, count=None) -> Path:
         """A grid of DDIM samples from the EMA weights (when conditional: two rows,
-        each with every class in order)."""
+        each with every class in order); rank 0 alone, other ranks return None."""
+        if not self.world.is_root:
+            return None
         model = self.ema_model()
         y = None
         if self.num_classes is not None:
