@@ -38,6 +38,7 @@ def info_lines() -> list[str]:
     """What ``minidiff info`` prints: versions, devices, kernel implementations."""
     import minidiff
     from minidiff import backend, kernels, runtime
+    from minidiff.train import thread_plan  # what each rank runs under mpiexec
 
     lines = [f"minidiff {minidiff.__version__}", f"python {platform.python_version()} ({sys.executable})"]
     lines.append("packages:")
@@ -55,6 +56,7 @@ def info_lines() -> list[str]:
     else:
         lines.append(f"  cuda        unavailable: {reason}")
     lines.append("process settings:")
+    lines.append(f"  threads     {thread_plan().describe()}")
     lines.append(f"  blas        {_blas_kernels()}")
     lines.append(f"  blas wait   {runtime.blas_note()}")
     lines.append(f"  omp wait    {runtime.omp_note()}")

@@ -18,6 +18,7 @@ one-process run computes (with equal shares of a power-of-two count of ranks the
 from __future__ import annotations
 
 import os
+import time
 
 from ..backend import get_array_module
 
@@ -85,6 +86,7 @@ class GradientAverager:
             self.buckets.append(_Bucket(current))
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.weight, self._next = 1.0, 0
+        self.comm_seconds = 0.0  # time this rank spent inside the communication calls, summed
 
     def prepare(self, weight: float):
         """Before backward: this rank's gradients enter the sum times ``weight``."""
@@ -102,11 +104,15 @@ class GradientAverager:
             self._start(self.buckets[self._next])
         started = [b.handle for b in self.buckets[: self._next]]
         if started:
+            begin = time.perf_counter()
             self.comm.progress(started)
+            self.comm_seconds += time.perf_counter() - begin
 
     def _start(self, bucket):
         bucket.fill(self.weight)
+        begin = time.perf_counter()
         bucket.handle = self.comm.start(bucket.buffer)
+        self.comm_seconds += time.perf_counter() - begin
         self._next += 1
 
     def backward(self, loss, weight: float):
@@ -120,7 +126,9 @@ class GradientAverager:
         """After backward: start the buckets still waiting, wait for all, set ``p.grad``."""
         while self._next < len(self.buckets):
             self._start(self.buckets[self._next])
+        begin = time.perf_counter()
         self.comm.wait([b.handle for b in self.buckets])
+        self.comm_seconds += time.perf_counter() - begin
         for bucket in self.buckets:
             bucket.write_back()
             bucket.handle = None
