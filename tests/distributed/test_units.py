@@ -137,3 +137,35 @@ def test_the_thread_plan_shares_the_cores(monkeypatch):
     plan = thread_plan()
     assert (plan.local_ranks, plan.threads) == (2, 8)
     assert plan.describe().startswith("2 ranks on this machine x 8 threads")
+
+
+def test_ranks_without_mpi4py_are_refused_by_name(monkeypatch):
+    import sys
+
+    from minidiff.distributed import DistributedError, setup
+
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py fails
+    with pytest.raises(
+        DistributedError, match=r"one of 2 MPI ranks but mpi4py cannot be imported.*minidiff\[mpi\]"
+    ):
+        setup()
+
+
+def test_one_process_never_imports_mpi(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from minidiff.train import TrainConfig, Trainer; "
+        "t = Trainer(TrainConfig.from_dict(dict(dataset='digits', image_size=8, steps=1, batch_size=4, "
+        "model={'base_channels': 8, 'channel_mults': (1,), 'attn_resolutions': (), 'norm_groups': 4})), "
+        f"{str(tmp_path)!r}, progress=False); t.fit(); "
+        "assert 'mpi4py' not in sys.modules and t.world.size == 1 and t.averager is None"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_LOCAL", "OMPI_"))}
+    env["MINIDIFF_CACHE"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(__import__("pathlib").Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
