@@ -88,8 +88,8 @@ def write_config(tmp_path, **overrides) -> Path:
     return path
 
 
-def one_process(tmp_path, steps, name="one") -> Trainer:
-    config = TrainConfig.from_dict({**copy.deepcopy(CONFIG), "steps": steps})
+def one_process(tmp_path, steps, name="one", **overrides) -> Trainer:
+    config = TrainConfig.from_dict({**copy.deepcopy(CONFIG), "steps": steps, **overrides})
     trainer = Trainer(config, tmp_path / name, progress=False)
     trainer.fit()
     return trainer
@@ -120,12 +120,13 @@ def assert_same_run(two_ranks_out, trainer):
         assert json.loads(json.dumps(state[key])) == json.loads(json.dumps(mine[key])), key
 
 
-def test_two_ranks_train_the_one_process_run(tmp_path):
-    config = write_config(tmp_path)
+@pytest.mark.parametrize("batch", [8, 7])  # 7: shares of 3 and 4, weighted 3/7 and 4/7
+def test_two_ranks_train_the_one_process_run(tmp_path, batch):
+    config = write_config(tmp_path, batch_size=batch)
     report = tmp_path / "report.json"
     done = mpirun(2, config, tmp_path / "two", "--report", report, MINIDIFF_BUCKET_MB="0.01")
     assert done.returncode == 0, done.stderr
-    assert_same_run(tmp_path / "two", one_process(tmp_path, 3))
+    assert_same_run(tmp_path / "two", one_process(tmp_path, 3, batch_size=batch))
     ranks = json.loads(report.read_text())
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
     for key in ("params", "ema", "optimizer", "rng", "step"):  # the ranks agree to the bit
@@ -149,6 +150,7 @@ def test_rank_zero_alone_writes_and_prints(tmp_path):
         "step-00000002",
     ]
     assert (out / "loss.png").is_file() and (out / "samples" / "step-00000002.png").is_file()
+    assert_same_run(out, one_process(tmp_path, 2))  # minidiff train under mpiexec: the same weights
 
 
 @pytest.mark.parametrize("ranks_after", [1, 2])
