@@ -68,6 +68,7 @@ class World:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
         self.threads = None  # the ThreadPlan applied, for a world of several ranks
+        self.local_rank = 0  # among the ranks on this machine
         self._allreduce = None
         self._closed = comm is None
 

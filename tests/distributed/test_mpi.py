@@ -131,7 +131,10 @@ def test_two_ranks_train_the_one_process_run(tmp_path, batch):
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
     for key in ("params", "ema", "optimizer", "rng", "step"):  # the ranks agree to the bit
         assert ranks[0][key] == ranks[1][key], key
-    assert all(r["threads"] == max(1, (os.cpu_count() or 1) // 2) for r in ranks)
+    threads = max(1, (os.cpu_count() or 1) // 2)  # ranks x threads = cores
+    assert all(
+        r["threads"] == r["numba_threads"] == threads and r["blas_threads"] == [threads] for r in ranks
+    )
 
 
 def test_rank_zero_alone_writes_and_prints(tmp_path):

@@ -16,7 +16,9 @@ import os
 import signal
 import sys
 
+import numba
 import numpy as np
+from threadpoolctl import threadpool_info
 
 from minidiff.train import TrainConfig, Trainer
 
@@ -62,6 +64,8 @@ def main() -> int:
             "rank": trainer.world.rank,
             "size": trainer.world.size,
             "threads": trainer.world.threads.threads if trainer.world.threads else None,
+            "numba_threads": numba.get_num_threads(),
+            "blas_threads": sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}),
             "params": digest(p.data for p in trainer.params),
             "ema": digest(trainer.ema.shadow),
             "optimizer": digest(list(opt.m) + list(opt.v)) + f"/{opt.step_count}/{opt.steps}",
