@@ -155,10 +155,19 @@ class World:
         self.comm.Abort(1)
 
 
+_worlds: dict[str, World] = {}  # one per process and device: MPI starts once, one exit guard
+
+
 def setup(device: str = "cpu") -> World:
     """This process's World: a world of one unless an MPI launcher started several ranks."""
     if launched_ranks() <= 1:
         return World()
+    if device not in _worlds:
+        _worlds[device] = _join(device)
+    return _worlds[device]
+
+
+def _join(device: str) -> World:
     try:
         from mpi4py import MPI
     except ImportError as exc:
