@@ -169,3 +169,13 @@ def test_one_process_never_imports_mpi(tmp_path):
     env["PYTHONPATH"] = str(__import__("pathlib").Path(__file__).resolve().parents[2])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_minidiff_info_says_what_each_rank_runs(monkeypatch):
+    from minidiff.cli import info_lines
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "4")
+    (line,) = [line for line in info_lines() if line.strip().startswith("threads")]
+    assert "4 ranks on this machine x 2 threads" in line and "for 8 cores (MPI_LOCALNRANKS=4)" in line
