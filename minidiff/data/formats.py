@@ -19,14 +19,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .dataset import Dataset
 from .images import RESAMPLE, from_uint8, resize_square
 
-SPECS = ("digits", "mnist:PATH", "cifar10:PATH", "folder:PATH")
+SPECS = ("digits", "shapes", "mnist:PATH", "cifar10:PATH", "folder:PATH")
 
 
 def load_dataset(spec: str = "digits", image_size: int | None = None) -> Dataset:
-    """Load a dataset by spec: "digits", "mnist:PATH", "cifar10:PATH" or "folder:PATH".
+    """Load a dataset by spec: "digits", "shapes", "mnist:PATH", "cifar10:PATH" or "folder:PATH".
 
     ``image_size`` resizes to a square of that side (PIL bilinear); None keeps the native size
-    (digits: 16, folder: 32)."""
+    (digits: 16, folder: 32). The captioned shapes are drawn at ``image_size`` (32 by default,
+    or 64), not resized."""
     if not isinstance(spec, str):
         raise TypeError(f"dataset spec must be a string such as 'digits' or 'mnist:PATH', got {spec!r}")
     if image_size is not None:
@@ -38,6 +39,12 @@ def load_dataset(spec: str = "digits", image_size: int | None = None) -> Dataset
         if sep:
             raise ValueError(f"dataset spec {spec!r}: digits is bundled and takes no path")
         return load_digits(image_size or 16)
+    if kind == "shapes":
+        if sep:
+            raise ValueError(f"dataset spec {spec!r}: shapes are generated and take no path")
+        from .shapes import load_shapes
+
+        return load_shapes(image_size=image_size or 32)
     readers = {"mnist": load_mnist, "cifar10": load_cifar10, "folder": load_folder}
     if kind not in readers:
         raise ValueError(f"unknown dataset spec {spec!r}; expected one of {', '.join(SPECS)}")

@@ -27,7 +27,7 @@ import pathlib
 import numpy as np
 
 from ..backend import get_array_module
-from ..nn.pretrained import ConfigError, config_error, read_config
+from ..nn.pretrained import DIFFUSERS_VERSION, ConfigError, config_error, read_config, write_config
 from .schedule import DIFFUSERS_SCHEDULES, diffusers_betas
 
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -260,6 +260,14 @@ class Scheduler:
     def scale_model_input(self, sample, t=None):
         """The U-Net's input at t: the sample itself (Euler rescales it)."""
         return sample
+
+    def save_pretrained(self, folder) -> pathlib.Path:
+        """Write ``folder/scheduler_config.json`` as diffusers does (its class named in
+        ``_class_name``; the record of defaulted keys left out), for ``load_scheduler``."""
+        config = {k: v for k, v in self.config.items() if k != "_use_default_values"}
+        config.update(_class_name=type(self).__name__, _diffusers_version=DIFFUSERS_VERSION)
+        write_config(folder, config, SCHEDULER_CONFIG)
+        return pathlib.Path(folder)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config})"

@@ -98,6 +98,11 @@ class World:
         """Whether any rank passed True (blocking)."""
         return bool(flag) if self.comm is None else bool(self.comm.allreduce(int(bool(flag))))
 
+    def from_root(self, value):
+        """Rank 0's ``value`` (a picklable object) on every rank, for a decision made once where
+        each rank looking for itself could see another answer (blocking)."""
+        return value if self.comm is None else self.comm.bcast(value if self.is_root else None, root=0)
+
     def broadcast(self, arrays):
         """Overwrite each array (NumPy or CuPy) in place with rank 0's."""
         if self.comm is None:

@@ -266,3 +266,116 @@ def _backend(folder, unk_token):
     backend.no_truncation()
     backend.no_padding()
     return backend
+
+
+# -- writing a tokenizer folder ----------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character: printable Latin-1 bytes map to
+    themselves, the others to code points from 256 up; in GPT-2's order (printable bytes first),
+    which is the order of CLIP's first 256 tokens."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def _apply_merges(symbols: list[str], ranks: dict) -> list[str]:
+    """BPE on one word: merge the adjacent pair of lowest rank until no pair has a rank."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def bpe_merges(words) -> list[tuple[str, str]]:
+    """Merges that spell each of ``words`` as one token, its last symbol carrying ``</w>``: first
+    the merges that build each word left to right, in order of first use, without repeats; then,
+    for a word that an earlier word's merges split otherwise (the "re" of "red" inside "green"),
+    merges of what those leave, each ranked after every merge before it."""
+    byte_symbol = bytes_to_unicode()
+    spelled = []
+    for word in words:
+        symbols = [byte_symbol[b] for b in word.encode("utf-8")]
+        symbols[-1] += END_OF_WORD
+        spelled.append(symbols)
+    merges, seen = [], set()
+    for symbols in spelled:
+        merged = symbols[0]
+        for symbol in symbols[1:]:
+            if (merged, symbol) not in seen:
+                seen.add((merged, symbol))
+                merges.append((merged, symbol))
+            merged += symbol
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    for symbols in spelled:
+        pieces = _apply_merges(symbols, ranks)
+        while len(pieces) > 1:  # a merge ranked last applies after the ones that made the pieces
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            pieces = _apply_merges(symbols, ranks)
+    return merges
+
+
+def clip_vocab(merges) -> dict[str, int]:
+    """CLIP's vocabulary order: the 256 byte symbols, their ``</w>`` forms, each merge's result,
+    then the start and end tokens."""
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + END_OF_WORD for s in symbols] + [a + b for a, b in merges] + [BOS, EOS]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+
+
+def _token_entry(content):
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }
+
+
+def write_clip_tokenizer(folder, words, model_max_length=77, pad_token=EOS) -> pathlib.Path:
+    """Write a CLIP tokenizer folder for a small vocabulary (Stable Diffusion's ``tokenizer/``,
+    as transformers writes it: ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``) and return it. Every byte has a symbol, so no text is unknown;
+    the merges spell each of ``words`` as one token. ``CLIPTokenizer.from_pretrained`` and
+    transformers' ``CLIPTokenizer.from_pretrained`` load it."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merges = bpe_merges(words)
+    vocab = clip_vocab(merges)
+    if pad_token not in vocab:
+        raise ValueError(f"write_clip_tokenizer: pad_token {pad_token!r} is not in the vocabulary")
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    special = {
+        "bos_token": _token_entry(BOS),
+        "eos_token": _token_entry(EOS),
+        "pad_token": pad_token,  # a plain string in Stable Diffusion's folders
+        "unk_token": _token_entry(EOS),
+    }
+    config = {
+        "add_prefix_space": False,
+        **special,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    mapping = {
+        k: v if isinstance(v, str) else {x: v[x] for x in v if x != "__type"} for k, v in special.items()
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(mapping, indent=2))
+    return folder

@@ -9,6 +9,11 @@ mapped by overriding ``adapt_weights`` (the text encoder's optional ``text_model
 
 Every failure is one ``PretrainedError`` naming the file and the key: a missing folder or file,
 weights only in PyTorch's pickle format (``.bin``), a missing, unexpected or mis-shaped tensor.
+
+The save side, ``model.save_pretrained(folder)``, writes the folder the same libraries would:
+``config.json`` (the model's ``config`` plus the library's bookkeeping keys) and the weights as
+``diffusion_pytorch_model.safetensors`` (diffusers) or ``model.safetensors`` (transformers), under
+the names ``export_weights`` gives (the inverse of ``adapt_weights``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import numpy as np
 from .layers import without_init
 
 WEIGHT_FILES = ("diffusion_pytorch_model", "model")  # diffusers' name, transformers' name
+# The releases whose file layout the saved folders follow (each library reads newer and older).
+DIFFUSERS_VERSION = "0.30.0"
+TRANSFORMERS_VERSION = "4.40.0"
 
 
 class PretrainedError(ValueError):
@@ -99,8 +107,9 @@ def read_weights(files) -> dict[str, np.ndarray]:
 
 
 def load_weights(module, weights: dict, source) -> None:
-    """Copy ``weights`` into ``module``'s parameters by name, cast to each parameter's dtype; a
-    missing, unexpected or mis-shaped tensor is a PretrainedError naming ``source`` and the keys."""
+    """Move ``weights`` into ``module``'s parameters by name, cast to each parameter's dtype (the
+    dict is emptied: a float32 array for a CPU float32 parameter becomes that parameter); a missing,
+    unexpected or mis-shaped tensor is a PretrainedError naming ``source`` and the keys."""
     own = dict(module.named_parameters())
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -118,11 +127,17 @@ def load_weights(module, weights: dict, source) -> None:
         problems.append("mis-shaped: " + _some(wrong))
     if problems:
         raise PretrainedError(f"{source}: does not fit {type(module).__name__}: " + "; ".join(problems))
+    for name in own:
+        if np.asarray(weights[name]).dtype.kind != "f":
+            raise PretrainedError(f"{source}: {name} holds {weights[name].dtype}, expected floating point")
     for name, p in own.items():
-        value = np.asarray(weights[name])
-        if value.dtype.kind != "f":
-            raise PretrainedError(f"{source}: {name} holds {value.dtype}, expected floating point")
-        p.data = p.device.xp.asarray(value.astype(p.dtype, copy=False)).copy()
+        # Each file tensor leaves the dict as it is taken, so a large model is never held twice.
+        value = np.asarray(weights.pop(name))
+        fresh = value.flags.c_contiguous and value.flags.writeable
+        if p.device.type == "cpu" and value.dtype == p.dtype and fresh:
+            p.data = value  # the file's own fresh array: nothing else refers to it
+        else:
+            p.data = p.device.xp.asarray(value.astype(p.dtype, copy=False)).copy()
 
 
 def _some(keys, limit=8):
@@ -130,8 +145,30 @@ def _some(keys, limit=8):
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def write_config(folder, config: dict, name="config.json") -> pathlib.Path:
+    """``config`` as indented JSON in ``folder/name`` (the folder is made if missing)."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def save_weights(weights: dict, path) -> pathlib.Path:
+    """Name -> array as one safetensors file, with the ``format: pt`` metadata that transformers
+    and diffusers check before reading a file."""
+    from safetensors.numpy import save_file
+
+    path = pathlib.Path(path)
+    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path), metadata={"format": "pt"})
+    return path
+
+
 class Pretrained:
-    """``from_pretrained(folder)`` for a Module class that defines ``from_config``."""
+    """``from_pretrained(folder)`` for a Module class that defines ``from_config``, and
+    ``save_pretrained(folder)`` for one that keeps its ``config``."""
+
+    library = "diffusers"  # whose folder layout save_pretrained writes: "diffusers" or "transformers"
 
     @classmethod
     def from_config(cls, config: dict, dtype=None, source="config"):  # pragma: no cover - abstract
@@ -153,3 +190,28 @@ class Pretrained:
     def adapt_weights(self, weights: dict) -> dict:
         """The file's tensors renamed to this model's parameter names (default: unchanged)."""
         return weights
+
+    def export_weights(self) -> dict:
+        """Name -> NumPy array of every parameter, as the library's files name them (default:
+        the parameter names)."""
+        return self.state_dict()
+
+    def pretrained_config(self) -> dict:
+        """The config.json the library writes for this model: ``config`` and its bookkeeping."""
+        config = {k: v for k, v in self.config.items() if k != "_use_default_values"}
+        if self.library == "transformers":
+            return {
+                **config,
+                "architectures": [type(self).__name__],
+                "transformers_version": TRANSFORMERS_VERSION,
+            }
+        return {**config, "_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION}
+
+    def save_pretrained(self, folder) -> pathlib.Path:
+        """Write ``folder`` (config.json and the weights in safetensors) so that this class's
+        ``from_pretrained`` and the library's own load it; returns the folder."""
+        folder = pathlib.Path(folder)
+        write_config(folder, self.pretrained_config())
+        name = WEIGHT_FILES[0] if self.library == "diffusers" else WEIGHT_FILES[1]
+        save_weights(self.export_weights(), folder / f"{name}.safetensors")
+        return folder

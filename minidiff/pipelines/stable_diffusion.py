@@ -22,7 +22,7 @@ from .. import no_grad
 from ..backend import Device
 from ..diffusion import DDIMScheduler, load_scheduler, make_scheduler
 from ..models import AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel
-from ..nn.pretrained import PretrainedError, read_config
+from ..nn.pretrained import DIFFUSERS_VERSION, PretrainedError, read_config, write_config
 from ..tensor import Tensor
 
 # model_index.json component -> the classes of that name minidiff loads
@@ -61,6 +61,24 @@ def read_model_index(folder) -> dict:
     return index
 
 
+def model_index(scheduler="DDIMScheduler") -> dict:
+    """The model_index.json of a Stable Diffusion folder with the five components minidiff
+    loads, without a safety checker."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
 class StableDiffusion:
     """Text-to-image with a U-Net denoising the latents of a KL autoencoder, conditioned on a
     CLIP text encoder's last hidden state through cross-attention."""
@@ -86,6 +104,26 @@ class StableDiffusion:
         scheduler = load_scheduler(folder / "scheduler")
         pipe = cls(unet, vae, text_encoder, tokenizer, scheduler)
         return pipe.to(device) if device is not None else pipe
+
+    def save_pretrained(self, folder, tokenizer_folder=None) -> pathlib.Path:
+        """Write ``folder`` in diffusers' layout, which ``from_pretrained`` and diffusers'
+        ``StableDiffusionPipeline.from_pretrained`` load: model_index.json and unet/, vae/,
+        text_encoder/, scheduler/; tokenizer/ is copied from ``tokenizer_folder`` (the files the
+        tokenizer was loaded from, e.g. written by ``write_clip_tokenizer``) unless it is there."""
+        import shutil
+
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet")
+        self.vae.save_pretrained(folder / "vae")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        self.scheduler.save_pretrained(folder / "scheduler")
+        if tokenizer_folder is not None and pathlib.Path(tokenizer_folder) != folder / "tokenizer":
+            shutil.copytree(tokenizer_folder, folder / "tokenizer", dirs_exist_ok=True)
+        if not (folder / "tokenizer").is_dir():
+            raise PipelineError(f"{folder / 'tokenizer'}: missing; pass tokenizer_folder")
+        write_config(folder, model_index(type(self.scheduler).__name__), "model_index.json")
+        return folder
 
     def to(self, device) -> StableDiffusion:
         for model in (self.unet, self.vae, self.text_encoder):

@@ -181,5 +181,43 @@ def test_a_failing_rank_stops_every_rank(tmp_path, how):
     assert done.returncode != 0
     if how == "raise":
         assert "rank 1 of 2 failed: RuntimeError: injected failure at step 3" in done.stderr
-    model, _, state = load_model(out)  # the last checkpoint, written before the failure, loads
-    assert state["step"] == 2
+    # the last checkpoint written before the failure loads: step 1, since step 2's is kept only
+    # once the loss of step 3 is known to be sane, and step 3 never finished
+    model, _, state = load_model(out)
+    assert state["step"] == 1
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    config = write_config(tmp_path, steps=50, checkpoint_every=100)
+    out = tmp_path / "run"
+    report = tmp_path / "report.json"
+    done = mpirun(2, config, out, "--fail-at", 3, "--fail-rank", 1, "--how", "term", "--report", report)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("interrupted at step 3") == 1, done.stdout  # from rank 0 alone
+    ranks = json.loads(report.read_text())
+    assert [r["step"] for r in ranks] == [3, 3] and ranks[0]["params"] == ranks[1]["params"]
+    assert checkpoint_arrays(out)[1]["step"] == 3  # the step that stopped, saved by rank 0
+    assert_same_run(out, one_process(tmp_path, 3, checkpoint_every=100))
+
+
+def test_rank_zero_alone_claims_the_folder(tmp_path):
+    # rank 1 reaches fit() after rank 0 has begun writing config.json and loss.csv there: it
+    # must neither take them for another run's nor be refused rank 0's lock
+    config = write_config(tmp_path, steps=2)
+    out = tmp_path / "run"
+    done = mpirun(2, config, out, "--stagger", 2)
+    assert done.returncode == 0, done.stderr
+    assert checkpoint_arrays(out)[1]["step"] == 2
+    again = mpirun(2, config, out)  # a fresh run into it now: every rank refuses, none aborts
+    assert again.returncode != 0
+    assert again.stderr.count("RunExistsError") == 2 and "stopping every rank" not in again.stderr
+    assert checkpoint_arrays(out)[1]["step"] == 2  # the run is untouched
+
+
+def test_minidiff_train_refuses_a_folder_holding_a_run_on_every_rank(tmp_path):
+    config = write_config(tmp_path, steps=1)
+    out = tmp_path / "run"
+    assert mpirun(2, "train", "--config", config, "--out", out, module=True).returncode == 0
+    done = mpirun(2, "train", "--config", config, "--out", out, module=True)
+    assert done.returncode == 2, done.stderr
+    assert "already holds a run" in done.stderr and "stopping every rank" not in done.stderr

@@ -127,6 +127,8 @@ def test_a_world_of_one_communicates_nothing():
     assert world.generator(rng) is rng and world.averager([]) is None
     assert world.sum(2.5) == 2.5 and world.any(True) and not world.any(False)
     assert world.shard(8) == (0, 8)
+    answer = ["config.json"]
+    assert world.from_root(answer) is answer
 
 
 def test_the_thread_plan_shares_the_cores(monkeypatch):

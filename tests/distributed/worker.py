@@ -1,11 +1,12 @@
 """One rank of a tiny training run, started by the tests under ``mpiexec -n N``:
 
-    python worker.py CONFIG.json OUT [--resume] [--fail-at STEP --fail-rank R --how raise|kill]
-                     [--report REPORT.json]
+    python worker.py CONFIG.json OUT [--resume] [--fail-at STEP --fail-rank R --how raise|kill|term]
+                     [--report REPORT.json] [--stagger SECONDS]
 
 Trains (or resumes) the run; with --report, rank 0 writes every rank's digests of the weights,
 the EMA and the optimizer state, so a test can check that the ranks agree to the bit; with
---fail-at, rank R raises (or kills itself) at that step."""
+--fail-at, rank R raises (or kills itself, or sends itself SIGTERM) at that step; with --stagger,
+every rank but 0 waits that long before fit(), so rank 0 has begun writing the run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import numba
 import numpy as np
@@ -39,7 +41,8 @@ def main() -> int:
     parser.add_argument("--report")
     parser.add_argument("--fail-at", type=int)
     parser.add_argument("--fail-rank", type=int, default=1)
-    parser.add_argument("--how", choices=("raise", "kill"), default="raise")
+    parser.add_argument("--how", choices=("raise", "kill", "term"), default="raise")
+    parser.add_argument("--stagger", type=float, default=0.0)
     args = parser.parse_args()
     values = json.loads(open(args.config).read())
     if args.resume:
@@ -51,12 +54,17 @@ def main() -> int:
 
         def failing_step():
             if trainer.step + 1 == args.fail_at:
+                if args.how == "term":  # a request to stop, on this rank alone
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return step()
                 if args.how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure at step {args.fail_at}")
             return step()
 
         trainer.train_step = failing_step
+    if trainer.world.rank != 0:
+        time.sleep(args.stagger)
     result = trainer.fit()
     if args.report:
         opt = trainer.optimizer
