@@ -302,6 +302,17 @@ def agreed_run_outputs(out_dir, refuse=False) -> list[str]:
     return found
 
 
+def require_one_process(what: str):
+    """Refuse to run ``what``, which trains in one process, under mpiexec: each rank would
+    train the same run into the same folder."""
+    ranks = distributed.launched_ranks()
+    if ranks > 1:
+        raise ValueError(
+            f"{what} runs in one process, not across {ranks} MPI ranks (each would write the same "
+            "folder); start it without mpiexec"
+        )
+
+
 def _loss_rows_up_to(path: Path, step: int) -> list[list[str]]:
     """The rows of an existing loss.csv up to ``step`` (none for a fresh run); a row torn
     by a kill mid-write is dropped."""

@@ -181,3 +181,16 @@ def test_minidiff_info_says_what_each_rank_runs(monkeypatch):
     monkeypatch.setenv("MPI_LOCALNRANKS", "4")
     (line,) = [line for line in info_lines() if line.strip().startswith("threads")]
     assert "4 ranks on this machine x 2 threads" in line and "for 8 cores (MPI_LOCALNRANKS=4)" in line
+
+
+def test_one_process_trainers_refuse_mpiexec(monkeypatch, tmp_path):
+    # text to image and CLIP train in one process: under mpiexec each rank would write one folder
+    from minidiff.train.clip import CLIPTrainConfig, train_clip
+    from minidiff.train.t2i import T2IConfig, T2ITrainer
+
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(ValueError, match="text-to-image training runs in one process.*without mpiexec"):
+        T2ITrainer(T2IConfig(), tmp_path / "t2i", progress=False)
+    with pytest.raises(ValueError, match="CLIP training runs in one process, not across 2 MPI ranks"):
+        train_clip(CLIPTrainConfig(), tmp_path / "clip", progress=False)
+    assert not (tmp_path / "t2i").exists() and not (tmp_path / "clip").exists()
