@@ -93,11 +93,13 @@ class Variable:
     def is_leaf(self) -> bool:
         return self._ctx is None
 
-    def backward(self, grad=None, retain_graph=False):
+    def backward(self, grad=None, retain_graph=False, grad_ready=None):
         """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
 
         ``grad`` is the gradient flowing into ``self``; it may be left out only
-        when ``self`` holds a single element (a loss).
+        when ``self`` holds a single element (a loss). ``grad_ready(leaf)``, when given, is
+        called as soon as a leaf's gradient is final, while backward goes on with the
+        rest (data-parallel training starts sending it then).
         """
         if not self.requires_grad:
             raise RuntimeError(
@@ -119,7 +121,7 @@ class Variable:
                 raise ValueError(
                     f"backward(): grad has shape {grad.shape} but the tensor has shape {self.shape}"
                 )
-        run_backward(self, grad, retain_graph=retain_graph)
+        run_backward(self, grad, retain_graph=retain_graph, grad_ready=grad_ready)
 
     def detach(self):
         """The same data, cut from the graph."""
@@ -259,18 +261,36 @@ def topological_order(root):
     return order
 
 
-def run_backward(root, grad, retain_graph=False):
-    """Propagate ``grad`` (d root / d root) to every leaf that requires grad."""
+def run_backward(root, grad, retain_graph=False, grad_ready=None):
+    """Propagate ``grad`` (d root / d root) to every leaf that requires grad.
+
+    With ``grad_ready``, a leaf's gradient is stored, and ``grad_ready(leaf)`` called, as soon
+    as the last Function that uses the leaf has run (counted per use), not when the walk
+    reaches the leaf: a depth-first order puts the leaves last, after all of the backward
+    computation, and a caller that sends gradients away wants the last layers' early."""
+    order = topological_order(root)
+    uses = {}
+    if grad_ready is not None:
+        for node in order:
+            for x in node._ctx.inputs if node._ctx is not None else ():
+                if x is not None and x.requires_grad and x._ctx is None:
+                    uses[id(x)] = uses.get(id(x), 0) + 1
     grads = {id(root): grad}
-    for node in reversed(topological_order(root)):
+
+    def store(leaf, g):
+        # Copy on first write: g may be shared with other leaves (Add passes
+        # the same array to both inputs), and optimizers update .grad in place.
+        leaf.grad = g.copy() if leaf.grad is None else leaf.grad + g
+        if grad_ready is not None:
+            grad_ready(leaf)
+
+    for node in reversed(order):
         g = grads.pop(id(node), None)
         if g is None:
             continue
         fn = node._ctx
         if fn is None:  # a leaf: gradients accumulate across backward calls
-            # Copy on first write: g may be shared with other leaves (Add passes
-            # the same array to both inputs), and optimizers update .grad in place.
-            node.grad = g.copy() if node.grad is None else node.grad + g
+            store(node, g)
             continue
         input_grads = fn.backward(g)
         if not isinstance(input_grads, tuple):
@@ -280,16 +300,21 @@ def run_backward(root, grad, retain_graph=False):
                 f"{fn.name}.backward returned {len(input_grads)} gradients for {len(fn.inputs)} inputs"
             )
         for x, gx in zip(fn.inputs, input_grads):
-            if gx is None or x is None or not x.requires_grad:
+            if x is None or not x.requires_grad:
                 continue
-            if gx.shape != x.shape:
-                raise RuntimeError(
-                    f"{fn.name}.backward returned a gradient of shape {gx.shape} "
-                    f"for an input of shape {x.shape}"
-                )
-            if device_of(gx) != x.device:  # pragma: no cover - guards op authors
-                raise RuntimeError(f"{fn.name}.backward returned a gradient on another device")
-            previous = grads.get(id(x))
-            grads[id(x)] = gx if previous is None else previous + gx
+            if gx is not None:
+                if gx.shape != x.shape:
+                    raise RuntimeError(
+                        f"{fn.name}.backward returned a gradient of shape {gx.shape} "
+                        f"for an input of shape {x.shape}"
+                    )
+                if device_of(gx) != x.device:  # pragma: no cover - guards op authors
+                    raise RuntimeError(f"{fn.name}.backward returned a gradient on another device")
+                previous = grads.get(id(x))
+                grads[id(x)] = gx if previous is None else previous + gx
+            if id(x) in uses:
+                uses[id(x)] -= 1
+                if uses[id(x)] == 0 and id(x) in grads:  # the leaf's last use: its gradient is final
+                    store(x, grads.pop(id(x)))
         if not retain_graph:
             fn.release()

@@ -38,6 +38,7 @@ def info_lines() -> list[str]:
     """What ``minidiff info`` prints: versions, devices, kernel implementations."""
     import minidiff
     from minidiff import backend, kernels, runtime
+    from minidiff.train import thread_plan  # what each rank runs under mpiexec
 
     lines = [f"minidiff {minidiff.__version__}", f"python {platform.python_version()} ({sys.executable})"]
     lines.append("packages:")
@@ -55,6 +56,7 @@ def info_lines() -> list[str]:
     else:
         lines.append(f"  cuda        unavailable: {reason}")
     lines.append("process settings:")
+    lines.append(f"  threads     {thread_plan().describe()}")
     lines.append(f"  blas        {_blas_kernels()}")
     lines.append(f"  blas wait   {runtime.blas_note()}")
     lines.append(f"  omp wait    {runtime.omp_note()}")
@@ -153,7 +155,7 @@ def cmd_train(args) -> int:
 
     from minidiff import io
     from minidiff.train import TrainConfig, Trainer
-    from minidiff.train.ddpm import config_help, existing_run_outputs
+    from minidiff.train.ddpm import agreed_run_outputs, config_help
     from minidiff.train.t2i import CONFIG_FILE
 
     if args.help_config:
@@ -172,9 +174,10 @@ def cmd_train(args) -> int:
         if not io.has_checkpoint(out):
             raise UsageError(f"minidiff train: nothing to resume: {out} holds no checkpoint")
         trainer = Trainer.resume(out, progress=not args.quiet, config=values)
-        print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
+        if trainer.world.is_root:  # under mpiexec, rank 0 alone prints
+            print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
     else:
-        found = existing_run_outputs(out)
+        found = agreed_run_outputs(out, refuse=not args.overwrite)  # under mpiexec: rank 0 looks
         if found and not args.overwrite:
             held = (
                 f"checkpoint {io.resolve_checkpoint(out).name}"
@@ -189,14 +192,15 @@ def cmd_train(args) -> int:
         config.validate()  # every key checked before the dataset is read
         trainer = Trainer(config, out, progress=not args.quiet, overwrite=args.overwrite)
     result = trainer.fit()
-    if io.has_checkpoint(out):
-        saved = f"newest checkpoint {io.resolve_checkpoint(out)}"
-    else:
-        saved = "no checkpoint written"
-    print(
-        f"{result['status']} at step {result['step']}: samples in {out / 'samples'}, "
-        f"loss curve {out / 'loss.png'}, {saved}"
-    )
+    if trainer.world.is_root:  # under mpiexec, rank 0 alone prints
+        if io.has_checkpoint(out):
+            saved = f"newest checkpoint {io.resolve_checkpoint(out)}"
+        else:
+            saved = "no checkpoint written"
+        print(
+            f"{result['status']} at step {result['step']}: samples in {out / 'samples'}, "
+            f"loss curve {out / 'loss.png'}, {saved}"
+        )
     return 0 if result["status"] in ("finished", "interrupted") else 1
 
 

@@ -8,6 +8,7 @@ evaluate.py  sample quality (FID and KID on Inception or minidiff's classifier) 
     Trainer(TrainConfig(dataset="digits", steps=2000), out_dir="runs/digits").fit()
 """
 
+from ..distributed import thread_plan
 from .ddpm import (
     CHECKPOINT_FORMAT,
     ModelConfig,
@@ -29,5 +30,6 @@ __all__ = [
     "config_differences",
     "load_model",
     "load_split",
+    "thread_plan",
     "upgrade_checkpoint_arrays",
 ]

@@ -34,6 +34,7 @@ from ..data import to_uint8
 from ..models.clip import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPVisionModel, normalize
 from ..models.tokenizer import BOS, EOS, CLIPTokenizer
 from ..optim import AdamW, clip_grad_norm, warmup_lr
+from .ddpm import require_one_process
 from .plot import plot_loss
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100
@@ -241,6 +242,7 @@ def train_clip(config: CLIPTrainConfig, out_dir, task: CaptionTask | None = None
     loss and the zero-shot accuracy per attribute on the held-out images."""
     from tqdm import tqdm
 
+    require_one_process("CLIP training")
     config.validate()
     task = task if task is not None else load_task(config.dataset, config.seed)
     out = Path(out_dir)

@@ -7,6 +7,11 @@ A run stopped at step k (Ctrl-C, a crash, ``steps=k``) and resumed with
 ``Trainer.resume(out_dir)`` reaches exactly the weights of an uninterrupted run:
 the checkpoint holds the weights, the optimizer moments, the EMA, the batch
 iterator's position and every random generator's state.
+
+Under ``mpiexec -n N`` each rank trains on its share of every global batch (the
+images, noise and timesteps of the one-process run) and the gradients are
+averaged across the ranks (minidiff.distributed); rank 0 alone writes files and
+output. A checkpoint is the one-process run's, so it resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import dataclasses
 import io as io_module
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -24,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io
+from .. import distributed, io
 from ..data import BatchIterator, load_dataset, save_grid
 from ..diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion, ddim_sample
 from ..models import UNet
@@ -284,6 +290,29 @@ def existing_run_outputs(out_dir) -> list[str]:
     return [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
 
 
+def agreed_run_outputs(out_dir, refuse=False) -> list[str]:
+    """``existing_run_outputs`` as rank 0 finds them, on every rank: under mpiexec a rank
+    looking for itself could find the files rank 0 has just begun writing. ``refuse``: the
+    caller refuses the folder when any are found, which every rank then does together, so
+    their exits are not a failure that aborts the others."""
+    world = distributed.setup()
+    found = world.from_root(existing_run_outputs(out_dir) if world.is_root else None)
+    if found and refuse:
+        world.close()
+    return found
+
+
+def require_one_process(what: str):
+    """Refuse to run ``what``, which trains in one process, under mpiexec: each rank would
+    train the same run into the same folder."""
+    ranks = distributed.launched_ranks()
+    if ranks > 1:
+        raise ValueError(
+            f"{what} runs in one process, not across {ranks} MPI ranks (each would write the same "
+            "folder); start it without mpiexec"
+        )
+
+
 def _loss_rows_up_to(path: Path, step: int) -> list[list[str]]:
     """The rows of an existing loss.csv up to ``step`` (none for a fresh run); a row torn
     by a kill mid-write is dropped."""
@@ -335,7 +364,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, out_dir, progress=True, overwrite=False):
         config.validate()
-        self.config, self.out_dir, self.progress = config, Path(out_dir), progress
+        self.world = distributed.setup()  # a world of one outside mpiexec
+        self.world.shard(config.batch_size)  # refuses a batch smaller than the ranks
+        self.config, self.out_dir, self.progress = config, Path(out_dir), progress and self.world.is_root
         self.overwrite = overwrite
         self.dataset, self.held_out = load_split(config)
         images = self.dataset.images
@@ -366,9 +397,12 @@ class Trainer:
         # One generator for timesteps, noise, label dropout and the model's dropout
         # layers, so a checkpoint captures all randomness in one state.
         self.rng = np.random.default_rng(config.seed + 1)
+        # What a step draws from: self.rng, or with several ranks this rank's rows of its draws
+        self.draws = self.world.generator(self.rng)
         for module in self.model.modules():
             if isinstance(module, Dropout):
-                module.rng = self.rng
+                module.rng = self.draws
+        self.averager = self.world.averager(self.params)  # None in a world of one
         self.batches = BatchIterator(self.dataset, config.batch_size, seed=config.seed, flip=config.flip)
         self.step = 0
         self._stop_requested = False
@@ -382,8 +416,15 @@ class Trainer:
         if self.num_classes is not None:
             y = np.asarray(labels, dtype=np.int64).copy()
             y[self.rng.random(len(y)) < self.config.class_dropout] = self.num_classes  # the null class
-        loss = self.diffusion.training_loss(self.model, images, y=y, generator=self.rng)
+        n = len(images)
+        lo, hi = self.world.shard(n)
+        if self.averager is not None:  # this rank's rows of the step (the whole of it in a world of one)
+            self.draws.shard(lo, hi, n)
+            images, y = images[lo:hi], (y[lo:hi] if y is not None else None)
+        loss = self.diffusion.training_loss(self.model, images, y=y, generator=self.draws)
         value = loss.item()
+        if self.averager is not None:  # the mean over the whole batch, so every rank agrees
+            value = self.world.sum(value * (hi - lo) / n)
         if not math.isfinite(value):
             raise TrainingDiverged(f"loss became {value} at step {self.step + 1}")
         if self.config.max_loss is not None and value > self.config.max_loss:
@@ -391,7 +432,10 @@ class Trainer:
                 f"loss became {value:.4g} at step {self.step + 1}, above max_loss {self.config.max_loss:g}"
             )
         self.optimizer.zero_grad()
-        loss.backward()
+        if self.averager is None:
+            loss.backward()
+        else:
+            self.averager.backward(loss, weight=(hi - lo) / n)
         if self.config.grad_clip:
             clip_grad_norm(self.params, self.config.grad_clip)
         self.optimizer.lr = warmup_lr(self.step, self.config.lr, self.config.warmup_steps)
@@ -439,8 +483,11 @@ class Trainer:
             arrays = {g: {k: np.array(v, copy=True) for k, v in group.items()} for g, group in arrays.items()}
         return f"step-{self.step:08d}", arrays, copy_state(self.state()) if copy else self.state()
 
-    def save_checkpoint(self, payload=None) -> Path:
-        """Write ``payload`` (from checkpoint_payload), or the current step's checkpoint."""
+    def save_checkpoint(self, payload=None) -> Path | None:
+        """Write ``payload`` (from checkpoint_payload), or the current step's checkpoint; rank 0
+        alone (other ranks return None)."""
+        if not self.world.is_root:
+            return None
         name, arrays, state = payload or self.checkpoint_payload()
         return io.save_checkpoint(self.checkpoint_dir, name, arrays, state)
 
@@ -551,20 +598,40 @@ class Trainer:
         a checkpoint and returns; a non-finite loss, or one above ``max_loss``, stops the
         run. A checkpoint is written only once the loss of the step after it was sane, so
         the one kept after a divergence is not already blown up. Returns a summary dict."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        lock = io.RunLock(self.out_dir).acquire()  # a second trainer on this folder is refused
+        # Under mpiexec rank 0 alone makes, locks and claims the folder, and the others take its
+        # answer: a rank never sees rank 0's fresh files as another run's, nor is refused rank
+        # 0's lock, and a refusal stops every rank at once (not a rank left waiting).
+        lock = refused = None
+        if self.world.is_root:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                lock = io.RunLock(self.out_dir).acquire()  # a second trainer on this folder is refused
+                self._claim_out_dir()
+            except (RunExistsError, io.RunLockedError, OSError) as exc:
+                refused = exc
+        refused = self.world.from_root(refused)
+        if refused is not None:
+            if lock is not None:
+                lock.release()
+            self.world.close()  # every rank refuses: a clean end, not a failure
+            raise refused
+        self._continuing = True
         try:
-            self._claim_out_dir()
             return self._fit_locked()
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     def _fit_locked(self) -> dict:
         from tqdm import tqdm
 
-        _write_text_atomically(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
+        root = self.world.is_root
+        self.world.begin()
+        self.world.broadcast([p.data for p in self.params] + self.ema.shadow)
         log_path = self.out_dir / "loss.csv"
-        log = self._open_log()
+        if root:
+            _write_text_atomically(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
+        log = self._open_log() if root else open(os.devnull, "w", newline="")
         writer = csv.writer(log)
         self._stop_requested = False
         # signal handlers can only be installed from the main thread; SIGTERM (kill, timeout)
@@ -600,23 +667,32 @@ class Trainer:
                     recent = []
                 if self.step % self.config.sample_every == 0 or last:
                     self.save_samples()
-                if self._stop_requested or last:
+                # one answer per step, the same on every rank: all stop at the same step, and
+                # the step that stops is the one checkpointed
+                stop = self.world.any(self._stop_requested)
+                if stop or last:
                     self.save_checkpoint()
-                elif self.step % self.config.checkpoint_every == 0:
-                    pending = self.checkpoint_payload(copy=True)
-                if self._stop_requested:
+                elif self.step % self.config.checkpoint_every == 0 and root:
+                    pending = self.checkpoint_payload(copy=True)  # kept once the next loss is sane
+                if stop:
                     status = "interrupted"
                     break
         except TrainingDiverged as exc:
             status = "diverged"
-            bar.write(f"stopping: {exc}; {self._divergence_note()}")
+            if root:
+                bar.write(f"stopping: {exc}; {self._divergence_note()}")
+        except BaseException as exc:
+            self.world.fail(exc)  # with several ranks: stop the others, which would wait forever
+            raise
         finally:
             bar.close()
             log.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            plot_loss(log_path, self.out_dir / "loss.png")
-        if status == "interrupted":
+            if root:
+                plot_loss(log_path, self.out_dir / "loss.png")
+        self.world.close()
+        if status == "interrupted" and root:
             print(f"interrupted at step {self.step}; checkpoint saved, resume with --resume")
         return {"status": status, "step": self.step, "out_dir": str(self.out_dir)}
 
@@ -629,7 +705,9 @@ class Trainer:
 
     def save_samples(self, count=None) -> Path:
         """A grid of DDIM samples from the EMA weights (when conditional: two rows,
-        each with every class in order)."""
+        each with every class in order); rank 0 alone, other ranks return None."""
+        if not self.world.is_root:
+            return None
         model = self.ema_model()
         y = None
         if self.num_classes is not None:

@@ -50,7 +50,7 @@ from ..optim import EMA, AdamW, clip_grad_norm, warmup_lr
 from ..pipelines import StableDiffusion
 from ..pipelines.stable_diffusion import model_index
 from ..tensor import Tensor, tensor
-from .ddpm import TrainingDiverged, _loss_rows_up_to
+from .ddpm import TrainingDiverged, _loss_rows_up_to, require_one_process
 from .plot import plot_loss
 
 CONFIG_FILE = "t2i_config.json"  # beside model_index.json; the run's config, read on resume
@@ -690,6 +690,7 @@ class T2ITrainer:
     """Runs the stages in order into ``out_dir``; ``T2ITrainer.resume(out_dir)`` continues."""
 
     def __init__(self, config: T2IConfig, out_dir, progress=True):
+        require_one_process("text-to-image training")
         config.validate()
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
         self.train, self.held_out = load_captioned(config)
