@@ -36,15 +36,17 @@ class Linear(Function):
     def forward(self, x, weight, bias):
         self.save_for_backward(x, weight)
         self.has_bias = bias is not None
-        y = x @ weight.T
+        # A 3-D x @ 2-D weight would be NumPy's stacked matmul, which leaves BLAS for a plain
+        # loop on some strides; the flattened product is one GEMM.
+        y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
         if bias is not None:
             y += bias
         return y
 
     def backward(self, g):
         x, weight = self.saved
-        gx = g @ weight if self.needs_input_grad[0] else None
         g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ weight).reshape(*g.shape[:-1], weight.shape[1]) if self.needs_input_grad[0] else None
         gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None
         gb = g2.sum(axis=0) if self.has_bias and self.needs_input_grad[2] else None
         return gx, gw, gb
