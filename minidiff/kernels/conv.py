@@ -334,7 +334,9 @@ def col2im_cuda(cols, x_shape, kh, kw, stride, padding):
 # - direct: float32 NumPy arrays with padding below the kernel size, where ``conv2d`` runs the
 #   native direct kernel and the CPU vectorizes it (kernels/conv_direct.cpp: no columns; forward
 #   with the bias, the input gradient as stride-1 convolutions of gy, one per phase of the
-#   stride, and the weight gradient). Without AVX2, unfolding and BLAS are faster.
+#   stride, and the weight gradient). Without AVX2, unfolding and BLAS are faster, and so they
+#   are for a large weight over few positions (Stable Diffusion's 1280-channel 8x8 and 16x16
+#   levels): the direct kernel transposes the whole weight once per call, BLAS reads it in place.
 # - pointwise: a 1x1 convolution at stride 1 without padding is one matrix product per sample.
 # - unfolded: im2col then a matrix product, a few samples at a time (about COLS_CHUNK_BYTES of
 #   columns), so that each chunk's columns are still in the cache when the product reads them and
@@ -346,6 +348,10 @@ def col2im_cuda(cols, x_shape, kh, kw, stride, padding):
 # Measurements behind these choices: bench/RESULTS.md.
 
 COLS_CHUNK_BYTES = 4 << 20
+# Unfold instead of the direct kernel where the weight has at least LARGE_WEIGHT elements and the
+# batch at most FEW_POSITIONS input positions (N*H*W).
+LARGE_WEIGHT = 1 << 20
+FEW_POSITIONS = 1024
 
 # the dispatchers the strategies run (kernels/__init__.py exports them)
 im2col = dispatcher("im2col")
@@ -359,12 +365,14 @@ def _runs_direct(x, weight, padding):
     included: one kernel call instead of a matrix product per sample). Padding below the kernel
     size, so that the input gradient (convolutions of gy with the kernel flipped) runs them too."""
     kh, kw = weight.shape[2:]
+    n, _, h, w = x.shape
     return (
         native_conv_is_vectorized
         and isinstance(x, np.ndarray)
         and x.dtype == weight.dtype == np.float32
         and padding[0] < kh
         and padding[1] < kw
+        and not (weight.size >= LARGE_WEIGHT and n * h * w <= FEW_POSITIONS)
         and registry.which("conv2d") == "native"
     )
 

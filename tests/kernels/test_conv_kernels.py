@@ -521,3 +521,22 @@ def test_conv2d_forward_and_backward_match_their_definitions(choice, case, out_c
         if needed:
             assert got.shape == want.shape and got.dtype == x.dtype, name
             np.testing.assert_allclose(got, want, **TOL[x.dtype.type], err_msg=name)
+
+
+@pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])
+def test_a_large_weight_over_few_positions_unfolds():
+    """The direct kernel transposes the whole weight per call: for Stable Diffusion's 1280-channel
+    levels at 8x8 and 16x16 (batch 2) BLAS on the unfolded input reads it in place instead; the
+    levels with many positions keep the direct kernel."""
+    from minidiff.kernels.conv import _runs_direct
+
+    def direct(n, c, o, side):
+        x = np.empty((n, c, side, side), np.float32)
+        return _runs_direct(x, np.empty((o, c, 3, 3), np.float32), (1, 1))
+
+    with kernels.use("native"):
+        if not kernels.conv.native_conv_is_vectorized:
+            pytest.skip("the direct kernels are not vectorized on this CPU")
+        assert not direct(2, 1280, 1280, 8) and not direct(2, 1280, 1280, 16)
+        assert direct(2, 320, 320, 64) and direct(2, 640, 640, 32)
+        assert direct(32, 64, 64, 4)  # a small weight stays direct at any size
