@@ -4,7 +4,7 @@ minidiff against diffusers / transformers on the same weights, side by side.
 The logic lives in minidiff/bench/sd.py (also run by ``minidiff bench --sd``); this script writes
 its JSON beside itself:
 
-    python bench/sd.py                      # all three parts at full size (about 10 minutes on 2 cores)
+    python bench/sd.py                      # every part at full size (about 10 minutes on 2 cores)
     python bench/sd.py --parts unet --repeats 3
     python bench/sd.py --tiny               # small configs of the same blocks, in seconds
 """

@@ -9,7 +9,9 @@ cross-attention over 768-wide text; 859,520,964 parameters), the SD v1.5 KL auto
 and the CLIP ViT-L/14 text encoder are built with random weights by diffusers and transformers and
 saved as a folder; both frameworks then load that folder. Each part is timed on what the pipeline
 gives it: the U-Net one forward at batch 2 (classifier-free guidance) on 4x64x64 latents with a
-2x77x768 context, the decoder 4x64x64 latents to a 3x512x512 image, the text encoder 2x77 tokens.
+2x77x768 context, the decoder 4x64x64 latents to a 3x512x512 image, the text encoder 2x77 tokens;
+and the self-attention of the 64x64 level alone (16 x 4096 x 40: batch 2 times 8 heads) against
+PyTorch's scaled_dot_product_attention.
 Every measurement runs in a fresh process (the median of --repeats runs after one warm-up), which
 also gives its peak resident memory: loading the weights plus the forward. The two outputs are
 compared, so a fast wrong answer shows. The wall time of one 512x512 image with N steps is put
@@ -36,7 +38,7 @@ import numpy as np
 
 from .harness import command_parser, import_torch, positive_int, torch_on_every_core, write_report
 
-PARTS = ("unet", "vae", "text")
+PARTS = ("unet", "vae", "text", "attention")
 REPEATS = 3
 
 SD15_UNET = dict(
@@ -84,6 +86,9 @@ TINY_UNET = dict(
     norm_num_groups=8,
 )
 TINY_VAE = dict(SD15_VAE, block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
+# The self-attention of the U-Net's 64x64 level: batch 2 x 8 heads, 4096 positions, 40 dims a head.
+ATTENTION = dict(batch_heads=16, tokens=4096, head_dim=40)
+TINY_ATTENTION = dict(batch_heads=4, tokens=300, head_dim=8)
 TINY_TEXT = dict(
     CLIP_L_TEXT,
     vocab_size=1000,
@@ -96,8 +101,8 @@ TINY_TEXT = dict(
 
 def configs(tiny: bool) -> dict:
     if tiny:
-        return {"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT}
-    return {"unet": SD15_UNET, "vae": SD15_VAE, "text": CLIP_L_TEXT}
+        return {"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT, "attention": TINY_ATTENTION}
+    return {"unet": SD15_UNET, "vae": SD15_VAE, "text": CLIP_L_TEXT, "attention": ATTENTION}
 
 
 def inputs(part, config, seed=0) -> dict:
@@ -114,6 +119,9 @@ def inputs(part, config, seed=0) -> dict:
         return {
             "latents": rng.standard_normal((1, config["latent_channels"], latent, latent)).astype(np.float32)
         }
+    if part == "attention":
+        shape = (config["batch_heads"], config["tokens"], config["head_dim"])
+        return {name: rng.standard_normal(shape).astype(np.float32) for name in ("q", "k", "v")}
     return {"ids": rng.integers(0, config["vocab_size"], (2, config["max_position_embeddings"]))}
 
 
@@ -121,8 +129,12 @@ TIMESTEP = 500
 
 
 def build_folder(part, config, folder) -> None:
-    """Random weights from diffusers / transformers (seeded), saved as float32 safetensors."""
+    """Random weights from diffusers / transformers (seeded), saved as float32 safetensors (the
+    attention part has no weights)."""
     import torch
+
+    if part == "attention":
+        return
 
     torch.manual_seed(0)
     if part == "unet":
@@ -174,6 +186,11 @@ def _minidiff_forward(part, folder, arrays):
         model = AutoencoderKL.from_pretrained(folder)
         z = minidiff.tensor(arrays["latents"])
         return lambda: model.decode(z).data
+    if part == "attention":
+        from minidiff import functional as F
+
+        q, k, v = (minidiff.tensor(arrays[name]) for name in ("q", "k", "v"))
+        return lambda: F.scaled_dot_product_attention(q, k, v).data
     model = CLIPTextModel.from_pretrained(folder)
     return lambda: model(arrays["ids"]).data
 
@@ -194,6 +211,9 @@ def _torch_forward(part, folder, arrays):
         model = AutoencoderKL.from_pretrained(folder).eval()
         z = torch.from_numpy(arrays["latents"])
         return lambda: model.decode(z).sample.numpy()
+    if part == "attention":
+        q, k, v = (torch.from_numpy(arrays[name]) for name in ("q", "k", "v"))
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).numpy()
     from transformers import CLIPTextModel
 
     model = CLIPTextModel.from_pretrained(folder).eval()
@@ -299,6 +319,8 @@ def describe(part, config) -> str:
     if part == "vae":
         side = config["sample_size"]
         return f"VAE decode, {shapes['latents']} -> 1x3x{side}x{side}"
+    if part == "attention":
+        return f"self-attention, q k v {shapes['q']}"
     return f"CLIP text encoder, {shapes['ids']} tokens"
 
 
@@ -314,7 +336,8 @@ def format_report(report) -> str:
     for part, r in report["results"].items():
         md, pt = r["minidiff"], r["torch"]
         lines.append(
-            f"{describe(part, configs(report['tiny'])[part]):<44}{md['seconds']:>11.3f}{pt['seconds']:>11.3f}{r['time_ratio']:>7.2f}"
+            f"{describe(part, configs(report['tiny'])[part]):<44}{md['seconds']:>11.3f}"
+            f"{pt['seconds']:>11.3f}{r['time_ratio']:>7.2f}"
             f"{md['peak_mb']:>14.0f}{pt['peak_mb']:>13.0f}{r['peak_ratio']:>7.2f}"
             f"{r['max_abs_diff']:>12.2e}"
         )
@@ -329,7 +352,7 @@ def format_report(report) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, *, repeats_and_json=True, default_json=None) -> None:
     group = parser.add_argument_group("the Stable Diffusion benchmark")
-    group.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="(default: all three)")
+    group.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="(default: all four)")
     group.add_argument("--tiny", action="store_true", help="small configs of the same blocks (seconds)")
     group.add_argument(
         "--image-steps", type=positive_int, default=25, help="steps of the one-image estimate (default 25)"
