@@ -1,5 +1,28 @@
 """minidiff: diffusion models and reverse-mode autodiff, from scratch on NumPy and CuPy."""
 
+import os as _os
+import signal as _signal
+import sys as _sys
+
+
+def _interrupted_while_loading(signum, frame):
+    """Ctrl-C while the ``minidiff`` command is still importing NumPy, Numba and the kernels:
+    one line and exit status 130, as later on, not a traceback from inside an import.
+    ``cli.main`` puts Python's own handler back before it runs the command."""
+    print("minidiff: interrupted", file=_sys.stderr)
+    raise SystemExit(130)
+
+
+if (
+    _sys.argv
+    and _os.path.basename(_sys.argv[0]) in ("minidiff", "minidiff.exe")
+    and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
+):
+    try:
+        _signal.signal(_signal.SIGINT, _interrupted_while_loading)
+    except ValueError:  # imported outside the main thread: leave signals alone
+        pass
+
 # runtime first: it sets variables that libraries read when they load (OpenBLAS, with NumPy)
 from . import runtime  # isort: skip
 from . import diffusion, functional, models, nn, optim

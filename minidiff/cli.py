@@ -772,6 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import signal
+
+    import minidiff
+
+    if signal.getsignal(signal.SIGINT) is minidiff._interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

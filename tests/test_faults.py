@@ -203,6 +203,41 @@ def test_ctrl_c_before_training_starts_is_not_a_traceback(tmp_path, monkeypatch,
     assert capsys.readouterr().err.strip() == "minidiff train: interrupted"
 
 
+def test_ctrl_c_while_the_command_is_still_importing_is_not_a_traceback():
+    """SIGINT in the first second or two of ``minidiff ...``, while NumPy, Numba and the kernels
+    load: the process sends itself SIGINT as the import reaches minidiff.kernels."""
+    program = textwrap.dedent(
+        """
+        import os, signal, sys
+        sys.argv[0] = os.path.join(os.path.dirname(sys.executable), "minidiff")  # the console script
+
+        class InterruptAtKernels:
+            def find_spec(self, name, path=None, target=None):
+                if name == "minidiff.kernels":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, InterruptAtKernels())
+        import minidiff.cli
+        print("imported")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (130, ""), done.stderr
+    assert done.stderr.strip() == "minidiff: interrupted"
+
+
+def test_after_the_import_ctrl_c_is_a_keyboard_interrupt_again(monkeypatch):
+    """cli.main hands SIGINT back to Python's handler, so the commands' own Ctrl-C handling runs."""
+    import minidiff
+
+    monkeypatch.setattr(signal, "getsignal", lambda signum: minidiff._interrupted_while_loading)
+    handlers = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: handlers.append((signum, handler)))
+    main(["info"])
+    assert handlers == [(signal.SIGINT, signal.default_int_handler)]
+
+
 # -- work lost: a kill at each stage of a checkpoint write ---------------------------------------------
 
 
