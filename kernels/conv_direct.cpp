@@ -343,6 +343,14 @@ MINIDIFF_INLINE void weight_grad_task(const WeightGradPlan& pl, const LaneTile& 
 // any stride) and every load is a contiguous run of wt: on 8x8 planes the positions-as-lanes
 // tile computes 80 outputs for 64 kept. The tile's R x O block of y is stored through a small
 // buffer (y is (O, positions)).
+//
+// The sum over rows runs in blocks of input channels (kLaneBlockRows rows c*T + t): a task sweeps
+// all its tiles over one block, then over the next, each tile resuming from the partial sums it
+// stored in y. A tile reads V vectors of wt per row, so over all C*T rows it would read a slice of
+// wt larger than L2 (1.2 MB at C = 512, 3x3, 64 channels) for each of its R positions; per block
+// the slice (at most 128 KiB) stays in L2 while the task's positions stream past it. Stored and
+// reloaded float32 partial sums are exact: the same additions in the same order as one sweep.
+constexpr int64_t kLaneBlockRows = 512;
 
 struct ChannelLanesPlan {
     const FlatGeometry& g;
@@ -354,7 +362,8 @@ struct ChannelLanesPlan {
 };
 
 template <int VW, int V>
-MINIDIFF_INLINE void forward_lanes_tile(const ChannelLanesPlan& pl, int64_t q0, int64_t vec0) {
+MINIDIFF_INLINE void forward_lanes_tile(const ChannelLanesPlan& pl, int64_t q0, int64_t vec0, int64_t c_lo,
+                                        int64_t c_hi) {
     typedef typename Lanes<VW>::type Vec;
     constexpr int R = lane_rows<VW, V, true>();
     const FlatGeometry& g = pl.g;
@@ -364,14 +373,26 @@ MINIDIFF_INLINE void forward_lanes_tile(const ChannelLanesPlan& pl, int64_t q0, 
         const int64_t q = q0 + std::min<int64_t>(r, kept - 1);
         off[r] = q / g.Wo * g.sh * g.S + q % g.Wo * g.sw;
     }
+    const int64_t o_end = std::min<int64_t>(g.O, (vec0 + V) * VW);
     Vec acc[R][V];
-    for (int v = 0; v < V; ++v) {
-        const Vec start = pl.bias ? load<VW>(pl.bias + (vec0 + v) * VW) : Vec{};
-        for (int r = 0; r < R; ++r) acc[r][v] = start;
+    alignas(64) float buf[R][V * VW];
+    if (c_lo == 0) {
+        for (int v = 0; v < V; ++v) {
+            const Vec start = pl.bias ? load<VW>(pl.bias + (vec0 + v) * VW) : Vec{};
+            for (int r = 0; r < R; ++r) acc[r][v] = start;
+        }
+    } else {  // resume from the partial sums over the channels before c_lo
+        std::memset(buf, 0, sizeof buf);
+        for (int64_t o = vec0 * VW; o < o_end; ++o) {
+            const float* yo = pl.y + o * L + q0;
+            for (int64_t r = 0; r < kept; ++r) buf[r][o - vec0 * VW] = yo[r];
+        }
+        for (int r = 0; r < R; ++r)
+            for (int v = 0; v < V; ++v) acc[r][v] = load<VW>(buf[r] + v * VW);
     }
     const int64_t T = g.taps;
     const int64_t* shift = g.shift.data();
-    for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t c = c_lo; c < c_hi; ++c) {
         const float* xc = pl.xpad + c * g.plane;
         const float* wc = pl.wt + c * T * pl.Opad + vec0 * VW;
         for (int64_t t = 0; t < T; ++t) {
@@ -387,9 +408,7 @@ MINIDIFF_INLINE void forward_lanes_tile(const ChannelLanesPlan& pl, int64_t q0, 
             }
         }
     }
-    alignas(64) float buf[R][V * VW];
     for (int r = 0; r < R; ++r) std::memcpy(buf[r], acc[r], sizeof buf[r]);
-    const int64_t o_end = std::min<int64_t>(g.O, (vec0 + V) * VW);
     for (int64_t o = vec0 * VW; o < o_end; ++o) {
         float* yo = pl.y + o * L + q0;
         for (int64_t r = 0; r < kept; ++r) yo[r] = buf[r][o - vec0 * VW];
@@ -397,13 +416,25 @@ MINIDIFF_INLINE void forward_lanes_tile(const ChannelLanesPlan& pl, int64_t q0, 
 }
 
 template <int VW>
-MINIDIFF_INLINE void forward_lanes_task(const ChannelLanesPlan& pl, const LaneTile& tile) {
+MINIDIFF_INLINE void forward_lanes_task(const ChannelLanesPlan& pl, const LaneTile& tile, int64_t c_lo,
+                                        int64_t c_hi) {
+    const int64_t q0 = tile.first, v0 = tile.vector;
     switch (tile.vectors) {
-        case 1: forward_lanes_tile<VW, 1>(pl, tile.first, tile.vector); break;
-        case 2: forward_lanes_tile<VW, 2>(pl, tile.first, tile.vector); break;
-        case 3: if constexpr (lane_max_vectors<VW>() >= 3) forward_lanes_tile<VW, 3>(pl, tile.first, tile.vector); break;
-        case 4: if constexpr (lane_max_vectors<VW>() >= 4) forward_lanes_tile<VW, 4>(pl, tile.first, tile.vector); break;
+        case 1: forward_lanes_tile<VW, 1>(pl, q0, v0, c_lo, c_hi); break;
+        case 2: forward_lanes_tile<VW, 2>(pl, q0, v0, c_lo, c_hi); break;
+        case 3: if constexpr (lane_max_vectors<VW>() >= 3) forward_lanes_tile<VW, 3>(pl, q0, v0, c_lo, c_hi); break;
+        case 4: if constexpr (lane_max_vectors<VW>() >= 4) forward_lanes_tile<VW, 4>(pl, q0, v0, c_lo, c_hi); break;
     }
+}
+
+// Tiles [lo, hi) of one sample, block of input channels by block (see kLaneBlockRows).
+template <int VW>
+MINIDIFF_INLINE void forward_lanes_tiles(const ChannelLanesPlan& pl, const LaneTile* tiles, int64_t lo,
+                                         int64_t hi) {
+    const int64_t block = std::max<int64_t>(1, kLaneBlockRows / pl.g.taps);
+    for (int64_t c_lo = 0; c_lo < pl.g.C; c_lo += block)
+        for (int64_t i = lo; i < hi; ++i)
+            forward_lanes_task<VW>(pl, tiles[i], c_lo, std::min(pl.g.C, c_lo + block));
 }
 
 // The tiles of a (rows x Opad) result: channel vectors in blocks of the widest tile, then the
@@ -457,7 +488,7 @@ struct DirectConvKernels {
     }                                                                                             \
     __attribute__((target(target_attr))) void forward_lanes_##name(                               \
         const ChannelLanesPlan& pl, const LaneTile* tiles, int64_t lo, int64_t hi) {              \
-        for (int64_t i = lo; i < hi; ++i) forward_lanes_task<VW>(pl, tiles[i]);                   \
+        forward_lanes_tiles<VW>(pl, tiles, lo, hi);                                               \
     }
 MINIDIFF_DIRECT_ISA(avx512, "avx512f,fma", 16, 4, 5)
 MINIDIFF_DIRECT_ISA(avx2, "avx2,fma", 8, 3, 3)
@@ -475,7 +506,7 @@ void weight_grad_baseline(const WeightGradPlan& pl, const LaneTile* tiles, int64
 
 void forward_lanes_baseline(const ChannelLanesPlan& pl, const LaneTile* tiles, int64_t lo,
                             int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) forward_lanes_task<4>(pl, tiles[i]);
+    forward_lanes_tiles<4>(pl, tiles, lo, hi);
 }
 
 // The widest the CPU has; MINIDIFF_CONV_ISA=avx2 or =baseline picks a narrower one (so that

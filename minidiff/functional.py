@@ -486,8 +486,7 @@ def upsample_nearest2d(x, scale_factor=2) -> Tensor:
     return spatial.UpsampleNearest2d.apply(x, scale=int(scale_factor))
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
-    op = "avg_pool2d"
+def _pool_args(op, x, kernel_size, stride, padding):
     x = _float_tensor(x, op, "x")
     _check_ndim(x, 4, op, "x", "(N, C, H, W)")
     kernel = _pair(kernel_size, op, "kernel_size", 1)
@@ -497,7 +496,33 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
         raise ValueError(f"{op}: padding {padding} must be at most half the kernel {kernel}")
     if any(s + 2 * p < k for s, p, k in zip(x.shape[2:], padding, kernel)):
         raise ValueError(f"{op}: kernel {kernel} is larger than the padded input {x.shape[2:]}")
-    return spatial.AvgPool2d.apply(x, kernel=kernel, stride=stride, padding=padding)
+    return x, kernel, stride, padding
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True) -> Tensor:
+    """Mean over windows (stride defaults to the kernel); ``count_include_pad=False`` divides each
+    window by the input pixels it covers instead of counting the zero padding."""
+    x, kernel, stride, padding = _pool_args("avg_pool2d", x, kernel_size, stride, padding)
+    return spatial.AvgPool2d.apply(
+        x, kernel=kernel, stride=stride, padding=padding, count_include_pad=bool(count_include_pad)
+    )
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """Maximum over windows (stride defaults to the kernel); the padding never wins."""
+    x, kernel, stride, padding = _pool_args("max_pool2d", x, kernel_size, stride, padding)
+    return spatial.MaxPool2d.apply(x, kernel=kernel, stride=stride, padding=padding)
+
+
+def resize_bilinear(x, size) -> Tensor:
+    """Resize (N, C, H, W) images to ``size`` (an int or (height, width)) by bilinear
+    interpolation with PyTorch's ``interpolate(mode="bilinear", align_corners=False)`` pixel
+    centres, without antialiasing."""
+    op = "resize_bilinear"
+    x = _float_tensor(x, op, "x")
+    _check_ndim(x, 4, op, "x", "(N, C, H, W)")
+    size = _pair(size, op, "size", 1)
+    return spatial.ResizeBilinear.apply(x, size=size)
 
 
 # -- normalization --------------------------------------------------------------------

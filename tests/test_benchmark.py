@@ -176,3 +176,32 @@ def test_cli_bench_unet_without_torch_says_so(monkeypatch, capsys):
 def test_unet_benchmark_module_does_not_import_torch():
     code = "import sys, minidiff.bench.unet, minidiff.cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the Stable Diffusion benchmark (minidiff.bench.sd, bench/sd.py) -------------------------------
+
+
+def test_sd_bench_tiny_runs_both_frameworks_on_one_folder(tmp_path, capsys):
+    """The tiny configs: diffusers builds the folder, both frameworks load it in their own
+    processes and give the same output; times, memory and ratios reported."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from minidiff.bench import sd
+
+    path = tmp_path / "sd.json"
+    assert sd.main(["--tiny", "--parts", "unet", "--repeats", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert set(report["results"]) == {"unet"} and "image" not in report
+    for row in report["results"].values():
+        assert row["max_abs_diff"] <= 1e-4 * row["max_abs_theirs"]
+        for fw in ("minidiff", "torch"):
+            assert row[fw]["seconds"] > 0 and row[fw]["peak_mb"] >= row[fw]["loaded_mb"] > 0
+        assert row["time_ratio"] == pytest.approx(row["minidiff"]["seconds"] / row["torch"]["seconds"])
+    assert "U-Net forward, 2x4x16x16 + 2x77x32" in capsys.readouterr().out
+
+
+def test_cli_bench_sd_options_are_refused_elsewhere(capsys):
+    assert cli_main(["bench", "--tiny", "--quick"]) == 2
+    assert "--tiny only apply with --sd" in capsys.readouterr().err
+    assert cli_main(["bench", "--sd", "--unet"]) == 2
+    assert "give --sd or --unet, not both" in capsys.readouterr().err

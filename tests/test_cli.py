@@ -41,6 +41,14 @@ TINY = {
 SUBCOMMANDS = ["info", "train", "sample", "eval"]
 
 
+def cli(argv) -> int:
+    """``main``'s exit status, returned or raised (argparse and usage errors raise SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
@@ -57,7 +65,7 @@ def write_config(folder, **overrides) -> str:
 
 def train_run(folder, **overrides):
     out = folder / "run"
-    code = main(["train", "--config", write_config(folder, **overrides), "--out", str(out), "--quiet"])
+    code = cli(["train", "--config", write_config(folder, **overrides), "--out", str(out), "--quiet"])
     assert code == 0
     return out
 
@@ -99,7 +107,7 @@ def test_subcommand_help(capsys, command):
 
 
 def test_no_command_prints_help_and_fails(capsys):
-    assert main([]) == 2
+    assert cli([]) == 2
     assert "usage: minidiff" in capsys.readouterr().out
 
 
@@ -120,7 +128,7 @@ def test_parser_defaults():
 
 
 def test_info(capsys):
-    assert main(["info"]) == 0
+    assert cli(["info"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("minidiff ")
     for word in (
@@ -153,7 +161,7 @@ def test_train_writes_a_run(run, capsys):
 def test_train_flags_override_the_config_file(tmp_path, capsys):
     out = tmp_path / "run"
     config = write_config(tmp_path, steps=50)
-    code = main(["train", "--config", config, "--out", str(out), "--quiet", "--steps", "1", "--seed", "3"])
+    code = cli(["train", "--config", config, "--out", str(out), "--quiet", "--steps", "1", "--seed", "3"])
     assert code == 0
     assert "finished at step 1" in capsys.readouterr().out
     saved = json.loads((out / "config.json").read_text())
@@ -163,7 +171,7 @@ def test_train_flags_override_the_config_file(tmp_path, capsys):
 def test_train_resume_continues_a_run(run, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    assert main(["train", "--out", str(copy), "--resume", "--steps", "5", "--quiet"]) == 0
+    assert cli(["train", "--out", str(copy), "--resume", "--steps", "5", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"resuming {copy} at step 4 of 5" in out
     assert "finished at step 5" in out
@@ -171,27 +179,25 @@ def test_train_resume_continues_a_run(run, tmp_path, capsys):
 
 
 def test_train_into_a_folder_holding_a_run(run, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--config", str(run.parent / "tiny.json"), "--out", str(run), "--quiet"])
-    message = str(exit_info.value.code)
-    assert exit_info.value.code != 0 and "already holds a run" in message and "--resume" in message
+    assert cli(["train", "--config", str(run.parent / "tiny.json"), "--out", str(run), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert "already holds a run" in message and "--resume" in message
     assert io.resolve_checkpoint(run).name == "step-00000004"  # untouched
 
 
-def test_resume_with_nothing_to_resume(tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", str(tmp_path / "empty"), "--resume", "--quiet"])
-    assert "nothing to resume" in str(exit_info.value.code)
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    assert cli(["train", "--out", str(tmp_path / "empty"), "--resume", "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
 
 
 def test_resume_accepts_the_runs_own_config(run, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     own = str(copy / "config.json")
-    assert main(["train", "--out", str(copy), "--resume", "--config", own, "--steps", "5", "--quiet"]) == 0
+    assert cli(["train", "--out", str(copy), "--resume", "--config", own, "--steps", "5", "--quiet"]) == 0
     assert "finished at step 5" in capsys.readouterr().out
     # the file that started the run, and flags equal to the saved values, are the same config
-    code = main(
+    code = cli(
         ["train", "--out", str(copy), "--resume", "--config", str(run.parent / "tiny.json"), "--steps", "6"]
         + ["--seed", "0", "--batch-size", "8", "--quiet"]
     )
@@ -200,29 +206,30 @@ def test_resume_accepts_the_runs_own_config(run, tmp_path, capsys):
 
 def test_resume_names_the_keys_that_differ(run, tmp_path, capsys):
     changed = tmp_path / "changed.json"
-    changed.write_text(json.dumps({**TINY, "lr": 0.5, "model": {**TINY["model"], "base_channels": 16}}))
-    assert main(["train", "--out", str(run), "--resume", "--config", str(changed), "--quiet"]) == 2
+    changed.write_text(
+        json.dumps({**TINY, "warmup_steps": 5, "model": {**TINY["model"], "base_channels": 16}})
+    )
+    assert cli(["train", "--out", str(run), "--resume", "--config", str(changed), "--quiet"]) == 2
     message = capsys.readouterr().err
-    assert "differs from the given one in lr, model.base_channels (only steps may change)" in message
-    assert main(["train", "--out", str(run), "--resume", "--seed", "7", "--quiet"]) == 2
+    assert "differs from the given one in warmup_steps, model.base_channels" in message
+    assert "(only steps, lr, max_loss may change)" in message
+    assert cli(["train", "--out", str(run), "--resume", "--seed", "7", "--quiet"]) == 2
     assert "in seed (only steps" in capsys.readouterr().err
     assert io.resolve_checkpoint(run).name == "step-00000004"  # untouched
 
 
 def test_train_config_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "a")])
-    assert "does not exist" in str(exit_info.value.code)
+    assert cli(["train", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "a")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{steps: 3")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--config", str(bad_json), "--out", str(tmp_path / "b")])
-    assert "not valid JSON" in str(exit_info.value.code)
+    assert cli(["train", "--config", str(bad_json), "--out", str(tmp_path / "b")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"stepz": 3}))
-    assert main(["train", "--config", str(unknown), "--out", str(tmp_path / "c")]) == 2
+    assert cli(["train", "--config", str(unknown), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "minidiff train: error:" in err and "stepz" in err and "Traceback" not in err
 
@@ -232,7 +239,7 @@ def test_train_config_errors(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--steps: must be a positive integer" in capsys.readouterr().err
     # ... and in a config file by TrainConfig.validate
-    assert main(["train", "--config", write_config(tmp_path, steps=0), "--out", str(tmp_path / "e")]) == 2
+    assert cli(["train", "--config", write_config(tmp_path, steps=0), "--out", str(tmp_path / "e")]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
 
 
@@ -240,7 +247,7 @@ def test_train_config_errors(tmp_path, capsys):
 
 
 def sample(run, out, *extra) -> int:
-    return main(["sample", "--checkpoint", str(run), "--num", "4", "--steps", "2", "--out", str(out), *extra])
+    return cli(["sample", "--checkpoint", str(run), "--num", "4", "--steps", "2", "--out", str(out), *extra])
 
 
 def load_npy(path) -> np.ndarray:
@@ -293,36 +300,32 @@ def test_sample_options(run, tmp_path, extra):
     load_npy(tmp_path / "x.npy")
 
 
-def test_sample_unconditional(unconditional_run, tmp_path):
+def test_sample_unconditional(unconditional_run, tmp_path, capsys):
     assert sample(unconditional_run, tmp_path / "x.npy") == 0
     load_npy(tmp_path / "x.npy")
-    with pytest.raises(SystemExit) as exit_info:
-        sample(unconditional_run, tmp_path / "y.npy", "--class", "1")
-    assert "not class-conditional" in str(exit_info.value.code)
-    with pytest.raises(SystemExit) as exit_info:
-        sample(unconditional_run, tmp_path / "y.npy", "--guidance", "2")
-    assert "not class-conditional" in str(exit_info.value.code)
+    assert sample(unconditional_run, tmp_path / "y.npy", "--class", "1") == 2
+    assert "not class-conditional" in capsys.readouterr().err
+    assert sample(unconditional_run, tmp_path / "y.npy", "--guidance", "2") == 2
+    assert "not class-conditional" in capsys.readouterr().err
 
 
-def test_sample_bad_suffix(run, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        sample(run, tmp_path / "x.jpg")
-    assert "--out must end in .png or .npy" in str(exit_info.value.code)
+def test_sample_bad_suffix(run, tmp_path, capsys):
+    assert sample(run, tmp_path / "x.jpg") == 2
+    assert "--out must end in .png or .npy" in capsys.readouterr().err
     assert not (tmp_path / "x.jpg").exists()
 
 
 @pytest.mark.parametrize("label", ["10", "-1"])
-def test_sample_class_out_of_range(run, tmp_path, label):
-    with pytest.raises(SystemExit) as exit_info:
-        sample(run, tmp_path / "x.npy", "--class", label)
-    assert "--class must be in [0, 10)" in str(exit_info.value.code)
+def test_sample_class_out_of_range(run, tmp_path, label, capsys):
+    assert sample(run, tmp_path / "x.npy", "--class", label) == 2
+    assert "--class must be in [0, 10)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_num_must_be_positive(run, tmp_path, capsys, command):
     extra = ["--out", str(tmp_path / "x.npy"), "--steps", "2"] if command == "sample" else ["--metric", "bpd"]
     try:
-        code = main([command, "--checkpoint", str(run), "--num", "0", *extra])
+        code = cli([command, "--checkpoint", str(run), "--num", "0", *extra])
         message = capsys.readouterr().err
     except SystemExit as exc:  # argparse's usage error, or a SystemExit with a message
         code, message = exc.code, capsys.readouterr().err + str(exc.code)
@@ -331,7 +334,7 @@ def test_num_must_be_positive(run, tmp_path, capsys, command):
 
 
 def test_sample_too_many_ddim_steps_is_a_clean_error(run, tmp_path, capsys):
-    code = main(["sample", "--checkpoint", str(run), "--num", "2", "--out", str(tmp_path / "x.npy")])
+    code = cli(["sample", "--checkpoint", str(run), "--num", "2", "--out", str(tmp_path / "x.npy")])
     assert code == 2  # the default 50 DDIM steps exceed this model's 20 timesteps
     err = capsys.readouterr().err
     assert "steps must be in [1, 20]" in err and "Traceback" not in err
@@ -341,7 +344,7 @@ def test_sample_too_many_ddim_steps_is_a_clean_error(run, tmp_path, capsys):
 def test_missing_checkpoint(tmp_path, capsys, command):
     missing = tmp_path / "no-such-run"
     extra = ["--out", str(tmp_path / "x.png")] if command == "sample" else ["--metric", "bpd"]
-    assert main([command, "--checkpoint", str(missing), *extra]) == 2
+    assert cli([command, "--checkpoint", str(missing), *extra]) == 2
     captured = capsys.readouterr()
     assert f"minidiff {command}: error:" in captured.err and str(missing) in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
@@ -366,13 +369,18 @@ def test_missing_checkpoint_in_a_real_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    # a usage error found by minidiff, not argparse, exits with argparse's status too
+    code = code.replace("'x.png'", "'x.jpg'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "minidiff sample: --out must end in .png or .npy, got x.jpg"
 
 
 # -- eval ------------------------------------------------------------------------------------------
 
 
 def test_eval_bpd(run, capsys):
-    assert main(["eval", "--checkpoint", str(run), "--metric", "bpd", "--num", "4", "--timesteps", "3"]) == 0
+    assert cli(["eval", "--checkpoint", str(run), "--metric", "bpd", "--num", "4", "--timesteps", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("bits/dim ")
     assert re.search(r"over 4 [\w-]*\s*images, 3 timesteps", out), out
@@ -400,7 +408,7 @@ def test_eval_fid(run, capsys, monkeypatch, private_cache):
             evaluate = None
     if evaluate is not None and hasattr(evaluate, "train_classifier"):
         monkeypatch.setattr(evaluate, "train_classifier", one_epoch)
-    assert main(["eval", "--checkpoint", str(run), "--metric", "fid", "--num", "20", "--steps", "2"]) == 0
+    assert cli(["eval", "--checkpoint", str(run), "--metric", "fid", "--num", "20", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert len(calls) == 1
     lines = out.strip().splitlines()

@@ -182,6 +182,13 @@ def test_resolve_non_checkpoint_folder(tmp_path):
 def test_latest_naming_a_missing_directory(tmp_path):
     save(tmp_path, 1)
     (tmp_path / LATEST).write_text("step-00000099\n")
+    # LATEST is a hint: the newest complete checkpoint on disk is used
+    assert resolve_checkpoint(tmp_path).name == "step-00000001"
+    for child in tmp_path.iterdir():
+        if child.is_dir():
+            import shutil
+
+            shutil.rmtree(child)
     with pytest.raises(CheckpointError, match="step-00000099") as info:
         load_checkpoint(tmp_path)
     assert LATEST in str(info.value)
@@ -190,6 +197,8 @@ def test_latest_naming_a_missing_directory(tmp_path):
 def test_empty_latest_is_reported_as_such(tmp_path):
     save(tmp_path, 1)
     (tmp_path / LATEST).write_text("")
+    assert resolve_checkpoint(tmp_path).name == "step-00000001"
+    (tmp_path / "step-00000001" / STATE_FILE).unlink()
     with pytest.raises(CheckpointError, match=LATEST):
         load_checkpoint(tmp_path)
 

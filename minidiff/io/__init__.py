@@ -4,9 +4,24 @@ from .checkpoint import (
     LATEST,
     STATE_FILE,
     CheckpointError,
+    RunLock,
+    RunLockedError,
+    has_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
 
-__all__ = ["LATEST", "STATE_FILE", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
+__all__ = [
+    "LATEST",
+    "STATE_FILE",
+    "CheckpointError",
+    "RunLock",
+    "RunLockedError",
+    "has_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]

@@ -1,13 +1,26 @@
-"""Evaluation: Frechet distance on minidiff's own classifier features, sample
-confidence and class histograms. (Bits per dimension lives with the diffusion
-process: ``GaussianDiffusion.bits_per_dim``.)"""
+"""Evaluation: FID and KID on the FID Inception network (pytorch-fid's weights file) or on
+minidiff's own classifier features, sample confidence and class histograms; the CLIP score of
+images against prompts. (Bits per dimension lives with the diffusion process:
+``GaussianDiffusion.bits_per_dim``.)"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .classifier import FeatureClassifier, features_and_probs, train_classifier
-from .fid import fid_from_features, frechet_distance, gaussian_fit
+from .clip_score import clip_score, clip_scores
+from .fid import (
+    INCEPTION_FILE,
+    INCEPTION_SHA256_PREFIX,
+    INCEPTION_URL,
+    fid_from_features,
+    file_sha256,
+    frechet_distance,
+    gaussian_fit,
+    inception_features,
+    kernel_inception_distance,
+    load_inception,
+)
 
 
 def sample_quality(classifier, samples, reference_images) -> dict:
@@ -24,11 +37,20 @@ def sample_quality(classifier, samples, reference_images) -> dict:
 
 
 __all__ = [
+    "INCEPTION_FILE",
+    "INCEPTION_SHA256_PREFIX",
+    "INCEPTION_URL",
     "FeatureClassifier",
+    "clip_score",
+    "clip_scores",
     "features_and_probs",
     "fid_from_features",
+    "file_sha256",
     "frechet_distance",
     "gaussian_fit",
+    "inception_features",
+    "kernel_inception_distance",
+    "load_inception",
     "sample_quality",
     "train_classifier",
 ]

@@ -107,8 +107,9 @@ def read_weights(files) -> dict[str, np.ndarray]:
 
 
 def load_weights(module, weights: dict, source) -> None:
-    """Copy ``weights`` into ``module``'s parameters by name, cast to each parameter's dtype; a
-    missing, unexpected or mis-shaped tensor is a PretrainedError naming ``source`` and the keys."""
+    """Move ``weights`` into ``module``'s parameters by name, cast to each parameter's dtype (the
+    dict is emptied: a float32 array for a CPU float32 parameter becomes that parameter); a missing,
+    unexpected or mis-shaped tensor is a PretrainedError naming ``source`` and the keys."""
     own = dict(module.named_parameters())
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -126,11 +127,17 @@ def load_weights(module, weights: dict, source) -> None:
         problems.append("mis-shaped: " + _some(wrong))
     if problems:
         raise PretrainedError(f"{source}: does not fit {type(module).__name__}: " + "; ".join(problems))
+    for name in own:
+        if np.asarray(weights[name]).dtype.kind != "f":
+            raise PretrainedError(f"{source}: {name} holds {weights[name].dtype}, expected floating point")
     for name, p in own.items():
-        value = np.asarray(weights[name])
-        if value.dtype.kind != "f":
-            raise PretrainedError(f"{source}: {name} holds {value.dtype}, expected floating point")
-        p.data = p.device.xp.asarray(value.astype(p.dtype, copy=False)).copy()
+        # Each file tensor leaves the dict as it is taken, so a large model is never held twice.
+        value = np.asarray(weights.pop(name))
+        fresh = value.flags.c_contiguous and value.flags.writeable
+        if p.device.type == "cpu" and value.dtype == p.dtype and fresh:
+            p.data = value  # the file's own fresh array: nothing else refers to it
+        else:
+            p.data = p.device.xp.asarray(value.astype(p.dtype, copy=False)).copy()
 
 
 def _some(keys, limit=8):

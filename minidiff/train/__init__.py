@@ -2,7 +2,7 @@
 
 ddpm.py      the DDPM Trainer, its config, checkpoints and exact resume; load_model
 plot.py      the loss curve (loss.png)
-evaluate.py  sample quality (FID on minidiff's classifier) and bits/dim of a run
+evaluate.py  sample quality (FID and KID on Inception or minidiff's classifier) and bits/dim of a run
 
     from minidiff.train import Trainer, TrainConfig
     Trainer(TrainConfig(dataset="digits", steps=2000), out_dir="runs/digits").fit()

@@ -282,6 +282,28 @@ def test_native_conv2d_at_vector_sizes(conv, shape, out_channels, kernel, paddin
         )
 
 
+@pytest.mark.parametrize("conv", impls("conv2d", names=("native",)))
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, padding",
+    [((1, 130, 9, 10), 32, (3, 3), (1, 1)), ((2, 600, 4, 5), 16, (1, 1), (0, 0))],
+)
+def test_native_conv2d_over_many_input_channels(conv, shape, out_channels, kernel, padding):
+    """Input channels over several blocks of rows (c, tap), the last one ragged: each tile resumes
+    from the partial sums it stored. Long float32 sums: held to the float64 convolution within the
+    rounding bound of a K-term sum, K * eps32 * (|x| (*) |w|)."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    weight = rng.standard_normal((out_channels, shape[1], *kernel)).astype(np.float32)
+    bias = rng.standard_normal(out_channels).astype(np.float32)
+    reference = kernels.implementations("conv2d")["reference"]
+    x64, w64 = x.astype(np.float64), weight.astype(np.float64)
+    exact = reference(x64, w64, (1, 1), padding, bias.astype(np.float64))
+    bound = reference(np.abs(x64), np.abs(w64), (1, 1), padding, np.abs(bias.astype(np.float64)))
+    terms = shape[1] * kernel[0] * kernel[1] + 1
+    error = np.abs(conv(x, weight, (1, 1), padding, bias) - exact)
+    assert (error <= terms * np.finfo(np.float32).eps * bound).all(), error.max()
+
+
 @pytest.mark.skipif(not kernels.available()["native"][0], reason=kernels.available()["native"][1])
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_native_conv2d_narrower_vectors(isa):
