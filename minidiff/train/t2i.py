@@ -102,7 +102,7 @@ class DenoiserConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = 12  # "a small red circle at the top left" is 8 words + start and end
-    steps: int = 1300
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100

@@ -1,6 +1,6 @@
 """The text-to-image training steps: minidiff against the same architecture in diffusers/PyTorch.
 
-    python bench/t2i_step.py                 # the defaults of minidiff train --dataset shapes
+    python -m minidiff.bench.t2i_step        # the defaults of minidiff train --dataset shapes
 
 Two steps, each forward, backward and AdamW: the latent step (the text encoder and the
 conditional U-Net on a batch of 4x8x8 latents and token ids) and the autoencoder step (encode,
