@@ -34,7 +34,9 @@ def without_init():
 
 def _skipped(shape, dtype):
     if getattr(_state, "skip", False):
-        return Parameter(np.empty(shape, dtype=dtype or DEFAULT_DTYPE))
+        # from_array, not Parameter(...): that copies, and a copy touches every page of memory
+        # that np.empty leaves unmapped until the loaded weights replace it.
+        return Parameter.from_array(np.empty(shape, dtype=dtype or DEFAULT_DTYPE), requires_grad=True)
     return None
 
 
