@@ -200,6 +200,14 @@ def gelu(x, approximate: str = "none") -> Tensor:
     return _unary(elementwise.Gelu, x, "gelu", approximate=approximate)
 
 
+def geglu(h) -> Tensor:
+    """value * gelu(gate), where [value, gate] are the two halves of h's last axis (exact GELU)."""
+    h = _float_tensor(h, "geglu", "h")
+    if h.ndim == 0 or h.shape[-1] % 2:
+        raise ValueError(f"geglu: h's last axis holds [value, gate], so it must be even; got {h.shape}")
+    return elementwise.Geglu.apply(h)
+
+
 def clip(x, low=None, high=None) -> Tensor:
     # Python floats, so NumPy float64 bounds do not promote float32 data
     low = None if low is None else float(low)

@@ -27,9 +27,7 @@ class GEGLU(Module):
         self.proj = Linear(dim_in, 2 * dim_out, rng=rng, dtype=dtype)
 
     def forward(self, x):
-        h = self.proj(x)
-        value, gate = h[..., : self.dim_out], h[..., self.dim_out :]
-        return value * F.gelu(gate)
+        return F.geglu(self.proj(x))
 
 
 class FeedForward(Module):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
+from .. import kernels
 from ..autograd import Function, unbroadcast
 from ..backend import device_of, get_array_module, to_device
 
@@ -195,32 +194,29 @@ class Relu(Function):
         return g * positive
 
 
-def _erf(x):
-    return special(get_array_module(x)).erf(x)
-
-
 class Gelu(Function):
-    """x * Phi(x) (exact, with erf) or its tanh approximation."""
+    """x * Phi(x) (exact, with erf) or its tanh approximation; see minidiff/kernels/activation.py."""
 
     def forward(self, x, *, approximate="none"):
-        xp = get_array_module(x)
         self.approximate = approximate
         self.save_for_backward(x)
-        if approximate == "tanh":
-            return 0.5 * x * (1 + xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-        return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+        return kernels.gelu_forward(x, approximate)
 
     def backward(self, g):
         (x,) = self.saved
-        xp = get_array_module(x)
-        if self.approximate == "tanh":
-            k = math.sqrt(2 / math.pi)
-            t = xp.tanh(k * (x + 0.044715 * x**3))
-            dt = (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
-            return g * (0.5 * (1 + t) + 0.5 * x * dt)
-        cdf = 0.5 * (1 + _erf(x / math.sqrt(2)))
-        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-        return g * (cdf + x * pdf)
+        return kernels.gelu_backward(g, x, self.approximate)
+
+
+class Geglu(Function):
+    """value * gelu(gate) for h = [value, gate] split along the last axis, in one kernel."""
+
+    def forward(self, h):
+        self.save_for_backward(h)
+        return kernels.geglu_forward(h)
+
+    def backward(self, g):
+        (h,) = self.saved
+        return kernels.geglu_backward(g, h)
 
 
 class Clip(Function):

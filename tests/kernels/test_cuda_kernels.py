@@ -39,6 +39,10 @@ OPS = (
     "softmax_forward",
     "softmax_backward",
     "attention_forward",
+    "gelu_forward",
+    "gelu_backward",
+    "geglu_forward",
+    "geglu_backward",
     "q_sample",
     "mse_loss_forward",
     "mse_loss_backward",
@@ -187,6 +191,42 @@ def test_conv_rejects_bad_arguments():
         cuda("col2im")(cols, (1, 2, 3, 3), 2, 2, 1, 0)
     with pytest.raises(TypeError, match="col2im"):
         cuda("col2im")(cols[:, :8].astype(np.float16), (1, 2, 3, 3), 2, 2, 1, 0)
+
+
+# -- activation.py: GELU and GEGLU --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_matches_the_reference(dtype, layout, approximate):
+    rng = np.random.default_rng(5)
+    x, x_host = array(rng, (3, 4, 5), dtype, layout, scale=3.0)
+    g, g_host = array(rng, (3, 4, 5), dtype, layout)
+    check(cuda("gelu_forward")(x, approximate), reference("gelu_forward")(x_host, approximate), dtype)
+    check(
+        cuda("gelu_backward")(g, x, approximate),
+        reference("gelu_backward")(g_host, x_host, approximate),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_geglu_matches_the_reference(dtype, layout):
+    rng = np.random.default_rng(6)
+    h, h_host = array(rng, (2, 3, 6), dtype, layout, scale=3.0)
+    g, g_host = array(rng, (2, 3, 3), dtype, layout)
+    check(cuda("geglu_forward")(h), reference("geglu_forward")(h_host), dtype)
+    check(cuda("geglu_backward")(g, h), reference("geglu_backward")(g_host, h_host), dtype)
+
+
+def test_activation_kernels_reject_bad_arguments():
+    x = on_device(np.zeros((2, 3), np.float32))[0]
+    with pytest.raises(TypeError, match="gelu_forward: x has dtype float16"):
+        cuda("gelu_forward")(x.astype(np.float16))
+    with pytest.raises(ValueError, match="geglu_forward: .*even"):
+        cuda("geglu_forward")(x)
 
 
 # -- norm.py: group norm, and group norm + SiLU with a shift -------------------------------------

@@ -415,3 +415,33 @@ def test_to_device_cpu_round_trip():
     np.testing.assert_array_equal(y.numpy(), [1.0, 2.0])
     (y * 3.0).sum().backward()
     np.testing.assert_array_equal(x.grad, [3.0, 3.0])
+
+
+@st.composite
+def geglu_inputs(draw):
+    """h of shape (..., 2 d): [value, gate] halves, the gate in GELU's curved range."""
+    lead = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    half = draw(st.integers(1, 3))
+    return draw(arrays((*lead, 2 * half), elements=floats(-4, 4)))
+
+
+def geglu_textbook(a):
+    half = a.shape[-1] // 2
+    return a[..., :half] * a[..., half:] * scipy.stats.norm.cdf(a[..., half:])
+
+
+@given(a=geglu_inputs())
+def test_geglu_gradcheck(a):
+    assert gradcheck(F.geglu, leaf(a))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(a=geglu_inputs())
+def test_geglu_forward(dtype, a):
+    x = const(a, dtype)
+    assert_close(F.geglu(x), geglu_textbook(x.numpy().astype(np.float64)), dtype)
+
+
+def test_geglu_needs_an_even_last_axis():
+    with pytest.raises(ValueError, match=r"geglu: .*it must be even; got \(2, 3\)"):
+        F.geglu(md.tensor(np.zeros((2, 3), np.float32)))
