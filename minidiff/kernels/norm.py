@@ -191,40 +191,56 @@ def _group_norm_backward_cpu(gy, x, weight, mean, rstd, groups, gx, gw_part, gb_
                 gx[n, c, s] = r * (gy[n, c, s] * w - mean_d - xhat * mean_dxhat)
 
 
-def _affine_or_identity(weight, bias, C, dtype, xp=np):
-    """The kernels always scale and shift; without weight they do it by 1 and 0."""
+def _forward_arrays(fn, x, weight, bias, shift, groups, xp=np):
+    """Check a forward's arguments and lay out what the Numba kernels (CPU and CUDA) take:
+    ``(x3, w, b, sh, y, mean, rstd)``. The kernels always scale, shift and add: without weight
+    by 1 and 0, without shift a zero shift; y, mean and rstd are the outputs to fill."""
+    N, C, S, M = _check_forward(fn, x, weight, bias, groups)
+    _check_shift(fn, shift, N, C)
+    x3 = xp.ascontiguousarray(x).reshape(N, C, S)
+    w = xp.ones(C, x.dtype) if weight is None else xp.ascontiguousarray(weight)
+    b = xp.zeros(C, x.dtype) if bias is None else xp.ascontiguousarray(bias)
+    sh = xp.zeros((N, C), x.dtype) if shift is None else xp.ascontiguousarray(shift)
+    stats = (xp.empty((N, groups), x.dtype), xp.empty((N, groups), x.dtype))
+    return x3, w, b, sh, xp.empty(x3.shape, x.dtype), *stats
+
+
+def _backward_arrays(fn, gy, x, weight, bias, shift, mean, rstd, groups, xp=np):
+    """The backward's counterpart of ``_forward_arrays``: ``(gy3, x3, w, b, sh, mean, rstd, gx)``
+    (b is used with SiLU only; gx is the output to fill)."""
+    N, C, S, M = _check_backward(fn, gy, x, weight, mean, rstd, groups)
+    _check_shift(fn, shift, N, C)
+    gy3 = xp.ascontiguousarray(gy).reshape(N, C, S)
+    x3 = xp.ascontiguousarray(x).reshape(N, C, S)
+    w = xp.ones(C, x.dtype) if weight is None else xp.ascontiguousarray(weight)
+    b = xp.zeros(C, x.dtype) if bias is None else xp.ascontiguousarray(bias)
+    sh = xp.zeros((N, C), x.dtype) if shift is None else xp.ascontiguousarray(shift)
+    stats = (xp.ascontiguousarray(mean), xp.ascontiguousarray(rstd))
+    return gy3, x3, w, b, sh, *stats, xp.empty(x3.shape, x.dtype)
+
+
+def _channel_gradients(weight, gw_part, gb_part, dtype):
+    """gweight, gbias from the Numba CPU kernels' per-sample partial sums (None without weight)."""
     if weight is None:
-        return xp.ones(C, dtype), xp.zeros(C, dtype)
-    return xp.ascontiguousarray(weight), xp.ascontiguousarray(bias)
+        return None, None
+    return gw_part.sum(axis=0).astype(dtype), gb_part.sum(axis=0).astype(dtype)
 
 
 @register("group_norm_forward", "numba")
 def group_norm_forward_numba(x, weight, bias, groups, eps):
-    N, C, S, M = _check_forward("group_norm_forward", x, weight, bias, groups)
-    x3 = np.ascontiguousarray(x).reshape(N, C, S)
-    w, b = _affine_or_identity(weight, bias, C, x.dtype)
-    y = np.empty(x3.shape, x.dtype)
-    mean = np.empty((N, groups), x.dtype)
-    rstd = np.empty((N, groups), x.dtype)
+    x3, w, b, _, y, mean, rstd = _forward_arrays("group_norm_forward", x, weight, bias, None, groups)
     _group_norm_forward_cpu(x3, w, b, groups, float(eps), y, mean, rstd)
     return y.reshape(x.shape), mean, rstd
 
 
 @register("group_norm_backward", "numba")
 def group_norm_backward_numba(gy, x, weight, mean, rstd, groups):
-    N, C, S, M = _check_backward("group_norm_backward", gy, x, weight, mean, rstd, groups)
-    x3 = np.ascontiguousarray(x).reshape(N, C, S)
-    gy3 = np.ascontiguousarray(gy).reshape(N, C, S)
-    w = np.ones(C, x.dtype) if weight is None else np.ascontiguousarray(weight)
-    gx = np.empty(x3.shape, x.dtype)
-    gw_part = np.empty((N, C), np.float64)
-    gb_part = np.empty((N, C), np.float64)
-    _group_norm_backward_cpu(
-        gy3, x3, w, np.ascontiguousarray(mean), np.ascontiguousarray(rstd), groups, gx, gw_part, gb_part
-    )
-    if weight is None:
-        return gx.reshape(x.shape), None, None
-    return gx.reshape(x.shape), gw_part.sum(axis=0).astype(x.dtype), gb_part.sum(axis=0).astype(x.dtype)
+    fn = "group_norm_backward"
+    gy3, x3, w, _, _, mean, rstd, gx = _backward_arrays(fn, gy, x, weight, None, None, mean, rstd, groups)
+    # per-sample partial sums, reduced over N here (tasks of different n share channels)
+    gw_part, gb_part = np.empty(x3.shape[:2], np.float64), np.empty(x3.shape[:2], np.float64)
+    _group_norm_backward_cpu(gy3, x3, w, mean, rstd, groups, gx, gw_part, gb_part)
+    return (gx.reshape(x.shape), *_channel_gradients(weight, gw_part, gb_part, x.dtype))
 
 
 # -- native (kernels/norm.cpp) ---------------------------------------------------------------
@@ -391,46 +407,19 @@ def _group_norm_silu_backward_cpu(
 
 @register("group_norm_silu_forward", "numba")
 def group_norm_silu_forward_numba(x, weight, bias, shift, groups, eps):
-    N, C, S, M = _check_forward("group_norm_silu_forward", x, weight, bias, groups)
-    _check_shift("group_norm_silu_forward", shift, N, C)
-    x3 = np.ascontiguousarray(x).reshape(N, C, S)
-    w, b = _affine_or_identity(weight, bias, C, x.dtype)
-    sh = np.zeros((N, C), x.dtype) if shift is None else np.ascontiguousarray(shift)
-    y = np.empty(x3.shape, x.dtype)
-    mean = np.empty((N, groups), x.dtype)
-    rstd = np.empty((N, groups), x.dtype)
+    x3, w, b, sh, y, mean, rstd = _forward_arrays("group_norm_silu_forward", x, weight, bias, shift, groups)
     _group_norm_silu_forward_cpu(x3, w, b, sh, groups, float(eps), y, mean, rstd)
     return y.reshape(x.shape), mean, rstd
 
 
 @register("group_norm_silu_backward", "numba")
 def group_norm_silu_backward_numba(gy, x, weight, bias, shift, mean, rstd, groups):
-    N, C, S, M = _check_backward("group_norm_silu_backward", gy, x, weight, mean, rstd, groups)
-    _check_shift("group_norm_silu_backward", shift, N, C)
-    x3 = np.ascontiguousarray(x).reshape(N, C, S)
-    gy3 = np.ascontiguousarray(gy).reshape(N, C, S)
-    w, b = _affine_or_identity(weight, bias, C, x.dtype)
-    sh = np.zeros((N, C), x.dtype) if shift is None else np.ascontiguousarray(shift)
-    gx = np.empty(x3.shape, x.dtype)
-    gw_part = np.empty((N, C), np.float64)
-    gb_part = np.empty((N, C), np.float64)
-    gshift = np.empty((N, C), x.dtype)
-    _group_norm_silu_backward_cpu(
-        gy3,
-        x3,
-        w,
-        b,
-        sh,
-        np.ascontiguousarray(mean),
-        np.ascontiguousarray(rstd),
-        groups,
-        gx,
-        gw_part,
-        gb_part,
-        gshift,
-    )
-    gweight = None if weight is None else gw_part.sum(axis=0).astype(x.dtype)
-    gbias = None if weight is None else gb_part.sum(axis=0).astype(x.dtype)
+    fn = "group_norm_silu_backward"
+    gy3, x3, w, b, sh, mean, rstd, gx = _backward_arrays(fn, gy, x, weight, bias, shift, mean, rstd, groups)
+    gw_part, gb_part = np.empty(x3.shape[:2], np.float64), np.empty(x3.shape[:2], np.float64)
+    gshift = np.empty(x3.shape[:2], x.dtype)
+    _group_norm_silu_backward_cpu(gy3, x3, w, b, sh, mean, rstd, groups, gx, gw_part, gb_part, gshift)
+    gweight, gbias = _channel_gradients(weight, gw_part, gb_part, x.dtype)
     return gx.reshape(x.shape), gweight, gbias, (None if shift is None else gshift)
 
 
@@ -576,36 +565,22 @@ def _group_norm_channel_sums_cuda(
 
 
 def _group_norm_forward_on_device(fn, x, weight, bias, shift, groups, eps, silu):
-    N, C, S, M = _check_forward(fn, x, weight, bias, groups)
-    _check_shift(fn, shift, N, C)
     xp = get_array_module(x)
-    x3 = xp.ascontiguousarray(x).reshape(N, C, S)
-    w, b = _affine_or_identity(weight, bias, C, x.dtype, xp)
-    sh = xp.zeros((N, C), x.dtype) if shift is None else xp.ascontiguousarray(shift)
-    y = xp.empty(x3.shape, x.dtype)
-    mean = xp.empty((N, groups), x.dtype)
-    rstd = xp.empty((N, groups), x.dtype)
-    _cuda.launch_per_block(
-        _group_norm_forward_cuda, N * groups, M, x3, w, b, sh, groups, np.float64(eps), silu, y, mean, rstd
-    )
+    x3, w, b, sh, y, mean, rstd = _forward_arrays(fn, x, weight, bias, shift, groups, xp)
+    N, C, S = x3.shape
+    args = (x3, w, b, sh, groups, np.float64(eps), silu, y, mean, rstd)
+    _cuda.launch_per_block(_group_norm_forward_cuda, N * groups, C // groups * S, *args)
     return y.reshape(x.shape), mean, rstd
 
 
 def _group_norm_backward_on_device(fn, gy, x, weight, bias, shift, mean, rstd, groups, silu):
     """``(gx, gweight, gbias, gshift)``; gweight and gbias None without weight, gshift None
     without shift."""
-    N, C, S, M = _check_backward(fn, gy, x, weight, mean, rstd, groups)
-    _check_shift(fn, shift, N, C)
     xp = get_array_module(x)
-    x3 = xp.ascontiguousarray(x).reshape(N, C, S)
-    gy3 = xp.ascontiguousarray(gy).reshape(N, C, S)
-    w = xp.ones(C, x.dtype) if weight is None else xp.ascontiguousarray(weight)
-    b = xp.zeros(C, x.dtype) if bias is None else xp.ascontiguousarray(bias)  # used with silu only
-    sh = xp.zeros((N, C), x.dtype) if shift is None else xp.ascontiguousarray(shift)
-    stats = (xp.ascontiguousarray(mean), xp.ascontiguousarray(rstd))
-    gx = xp.empty(x3.shape, x.dtype)
-    args = (gy3, x3, w, b, sh, *stats, groups, silu, gx)
-    _cuda.launch_per_block(_group_norm_backward_cuda, N * groups, M, *args)
+    *inputs, gx = _backward_arrays(fn, gy, x, weight, bias, shift, mean, rstd, groups, xp)
+    N, C, S = gx.shape
+    args = (*inputs, groups, silu, gx)  # the kernels' order: gy, x, w, b, sh, mean, rstd, ...
+    _cuda.launch_per_block(_group_norm_backward_cuda, N * groups, C // groups * S, *args)
     if weight is None and shift is None:
         return gx.reshape(x.shape), None, None, None
     gweight, gbias, gshift = xp.empty(C, x.dtype), xp.empty(C, x.dtype), xp.empty((N, C), x.dtype)
