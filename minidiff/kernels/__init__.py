@@ -27,6 +27,8 @@ group_norm_forward = dispatcher("group_norm_forward")
 group_norm_backward = dispatcher("group_norm_backward")
 group_norm_silu_forward = dispatcher("group_norm_silu_forward")
 group_norm_silu_backward = dispatcher("group_norm_silu_backward")
+layer_norm_forward = dispatcher("layer_norm_forward")
+layer_norm_backward = dispatcher("layer_norm_backward")
 # attention.py
 softmax_forward = dispatcher("softmax_forward")
 softmax_backward = dispatcher("softmax_backward")
@@ -65,6 +67,8 @@ __all__ = [
     "group_norm_backward",
     "group_norm_silu_forward",
     "group_norm_silu_backward",
+    "layer_norm_forward",
+    "layer_norm_backward",
     "softmax_forward",
     "softmax_backward",
     "attention_forward",

@@ -612,3 +612,132 @@ def group_norm_silu_forward_cuda(x, weight, bias, shift, groups, eps):
 def group_norm_silu_backward_cuda(gy, x, weight, bias, shift, mean, rstd, groups):
     fn = "group_norm_silu_backward"
     return _group_norm_backward_on_device(fn, gy, x, weight, bias, shift, mean, rstd, groups, True)
+
+
+# -- layer norm: each row of a (rows, D) array normalized over its D entries ---------------------
+#
+#     xhat = (x - mean) * rstd,   y = xhat * weight + bias                  (weight, bias: (D,))
+#     gx   = rstd * (d - mean(d) - xhat * mean(d * xhat)),   d = gy * weight   (means along the row)
+#     gweight = sum over rows of gy * xhat,   gbias = sum over rows of gy
+#
+# The forward returns ``(y, xhat, rstd)``: the backward reads xhat (rows, D) and rstd (rows,).
+# Reference and Numba CPU (float64 row statistics and sums, results rounded to x's dtype); the
+# op flattens the normalized trailing axes into D.
+
+
+def _check_layer_norm(fn, x, weight, bias):
+    float_dtype(fn, x=x, weight=weight, bias=bias)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{fn}: x must be (rows, D) with D >= 1, got {x.shape}")
+    for name, v in (("weight", weight), ("bias", bias)):
+        _check_channel_vector(fn, name, v, x.shape[1])
+
+
+@register("layer_norm_forward", "reference")
+def layer_norm_forward_reference(x, weight, bias, eps):
+    _check_layer_norm("layer_norm_forward", x, weight, bias)
+    xp = get_array_module(x)
+    centered = x - x.mean(axis=1, keepdims=True)
+    # The mean rounded to x's dtype is off by up to half an ulp of |mean|, which is large against
+    # the deviations when |mean| >> std; the mean of the centered values measures that error.
+    centered -= centered.mean(axis=1, keepdims=True)
+    rstd = 1 / xp.sqrt((centered * centered).mean(axis=1, keepdims=True) + eps)
+    xhat = centered * rstd
+    y = xhat if weight is None else xhat * weight
+    return (y if bias is None else y + bias), xhat, rstd[:, 0]
+
+
+@register("layer_norm_backward", "reference")
+def layer_norm_backward_reference(gy, xhat, rstd, weight, has_bias):
+    """(gx, gweight, gbias); gweight None without weight, gbias None unless ``has_bias``."""
+    _check_layer_norm("layer_norm_backward", xhat, weight, None)
+    same_shape("layer_norm_backward", gy=gy, xhat=xhat)
+    d = gy if weight is None else gy * weight
+    gx = rstd[:, None] * (d - d.mean(axis=1, keepdims=True) - xhat * (d * xhat).mean(axis=1, keepdims=True))
+    gw = (gy * xhat).sum(axis=0) if weight is not None else None
+    return gx, gw, (gy.sum(axis=0) if has_bias else None)
+
+
+# rows per task of the Numba kernels: each task adds its rows' gweight and gbias into its own
+# float64 partial sums, which are then added in task order (the same sums at every run)
+LAYER_NORM_ROWS = 64
+
+
+@njit(parallel=True, cache=True)
+def _layer_norm_forward_cpu(x, weight, bias, eps, y, xhat, rstd):
+    R, D = x.shape
+    for r in prange(R):
+        mean = 0.0
+        for c in range(D):
+            mean += x[r, c]
+        mean /= D
+        var = 0.0
+        for c in range(D):
+            dev = x[r, c] - mean
+            var += dev * dev
+        inv = 1.0 / math.sqrt(var / D + eps)
+        rstd[r] = inv
+        for c in range(D):
+            xh = (x[r, c] - mean) * inv
+            xhat[r, c] = xh
+            y[r, c] = xh * weight[c] + bias[c]
+
+
+@njit(parallel=True, cache=True)
+def _layer_norm_backward_cpu(gy, xhat, rstd, weight, gx, gw_parts, gb_parts):
+    R, D = xhat.shape
+    tasks = gw_parts.shape[0]
+    for t in prange(tasks):
+        for r in range(t * LAYER_NORM_ROWS, min(R, (t + 1) * LAYER_NORM_ROWS)):
+            sum_d, sum_dx = 0.0, 0.0
+            for c in range(D):
+                d = np.float64(gy[r, c]) * weight[c]
+                sum_d += d
+                sum_dx += d * xhat[r, c]
+                gw_parts[t, c] += np.float64(gy[r, c]) * xhat[r, c]
+                gb_parts[t, c] += gy[r, c]
+            mean_d, mean_dx = sum_d / D, sum_dx / D
+            for c in range(D):
+                d = np.float64(gy[r, c]) * weight[c]
+                gx[r, c] = rstd[r] * (d - mean_d - xhat[r, c] * mean_dx)
+
+
+@register("layer_norm_forward", "numba")
+def layer_norm_forward_numba(x, weight, bias, eps):
+    _check_layer_norm("layer_norm_forward", x, weight, bias)
+    R, D = x.shape
+    one, zero = np.ones(D, x.dtype), np.zeros(D, x.dtype)
+    y, xhat, rstd = np.empty((R, D), x.dtype), np.empty((R, D), x.dtype), np.empty(R, x.dtype)
+    _layer_norm_forward_cpu(
+        np.ascontiguousarray(x),
+        one if weight is None else np.ascontiguousarray(weight),
+        zero if bias is None else np.ascontiguousarray(bias),
+        float(eps),
+        y,
+        xhat,
+        rstd,
+    )
+    return y, xhat, rstd
+
+
+@register("layer_norm_backward", "numba")
+def layer_norm_backward_numba(gy, xhat, rstd, weight, has_bias):
+    _check_layer_norm("layer_norm_backward", xhat, weight, None)
+    same_shape("layer_norm_backward", gy=gy, xhat=xhat)
+    R, D = xhat.shape
+    tasks = -(-R // LAYER_NORM_ROWS)
+    gw_parts, gb_parts = np.zeros((tasks, D)), np.zeros((tasks, D))
+    gx = np.empty((R, D), xhat.dtype)
+    w = np.ones(D, xhat.dtype) if weight is None else np.ascontiguousarray(weight)
+    _layer_norm_backward_cpu(
+        np.ascontiguousarray(gy),
+        np.ascontiguousarray(xhat),
+        np.ascontiguousarray(rstd),
+        w,
+        gx,
+        gw_parts,
+        gb_parts,
+    )
+    gw = gw_parts.sum(axis=0).astype(xhat.dtype) if weight is not None else None
+    gb = gb_parts.sum(axis=0).astype(xhat.dtype) if has_bias else None
+    return gx, gw, gb

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from .. import kernels
 from ..autograd import Function
-from ..backend import get_array_module
 
 
 class GroupNorm(Function):
@@ -25,34 +26,27 @@ class GroupNorm(Function):
 
 
 class LayerNorm(Function):
-    """Normalize over the last ``len(normalized_shape)`` axes."""
+    """Normalize over the last ``len(normalized_shape)`` axes (flattened into rows of D for the
+    kernels of minidiff/kernels/norm.py)."""
 
     def forward(self, x, weight, bias, *, axes, eps):
-        xp = get_array_module(x)
-        centered = x - x.mean(axis=axes, keepdims=True)
-        # The mean rounded to x's dtype is off by up to half an ulp of |mean|, which is large
-        # against the deviations when |mean| >> std; the mean of the centered values measures
-        # that error, and subtracting it leaves deviations accurate to their own precision.
-        centered -= centered.mean(axis=axes, keepdims=True)
-        rstd = 1 / xp.sqrt((centered * centered).mean(axis=axes, keepdims=True) + eps)
-        xhat = centered * rstd
-        self.save_for_backward(xhat, rstd, weight)
-        self.axes, self.has_bias = axes, bias is not None
-        y = xhat if weight is None else xhat * weight
-        return y if bias is None else y + bias
+        D = math.prod(x.shape[x.ndim - len(axes) :])
+        rows = x.reshape(-1, D)
+        flat = [None if a is None else a.reshape(D) for a in (weight, bias)]
+        y, xhat, rstd = kernels.layer_norm_forward(rows, *flat, eps)
+        self.save_for_backward(xhat, rstd, flat[0])
+        self.shape, self.has_bias = x.shape, bias is not None
+        self.affine_shape = tuple(x.shape[x.ndim - len(axes) :])
+        return y.reshape(x.shape)
 
     def backward(self, g):
         xhat, rstd, weight = self.saved
-        lead = tuple(range(g.ndim - len(self.axes)))
-        gxhat = g if weight is None else g * weight
-        gx = rstd * (
-            gxhat
-            - gxhat.mean(axis=self.axes, keepdims=True)
-            - xhat * (gxhat * xhat).mean(axis=self.axes, keepdims=True)
+        gx, gw, gb = kernels.layer_norm_backward(g.reshape(xhat.shape), xhat, rstd, weight, self.has_bias)
+        return (
+            gx.reshape(self.shape),
+            None if gw is None else gw.reshape(self.affine_shape),
+            None if gb is None else gb.reshape(self.affine_shape),
         )
-        gw = (g * xhat).sum(axis=lead) if weight is not None else None
-        gb = g.sum(axis=lead) if self.has_bias else None
-        return gx, gw, gb
 
 
 class GroupNormSiLU(Function):
