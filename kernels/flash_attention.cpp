@@ -138,7 +138,7 @@ MINIDIFF_INLINE void attention_task(const Plan& pl, int64_t b, int64_t i0, float
     for (int64_t j0 = 0; j0 < pl.Lk; j0 += KB) {
         const int64_t nk = std::min(KB, pl.Lk - j0);
         const int64_t nk_vec = (nk + SV * VW - 1) / (SV * VW) * (SV * VW);  // zero keys to a whole tile
-        for (int64_t r0 = 0; r0 < QB; r0 += R)
+        for (int64_t r0 = 0; r0 < rows; r0 += R)  // rows past Lq in the last tile: zero queries
             for (int64_t c0 = 0; c0 < nk_vec; c0 += SV * VW)
                 score_tile<VW>(qblk + r0 * D, kt + j0 + c0, D, pl.LkP, s + r0 * KB + c0);
         for (int64_t i = 0; i < rows; ++i) {
@@ -219,7 +219,10 @@ void attention_forward(const float* q, const float* k, const float* v, float sca
                        float* lse, int64_t B, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                        bool parallel) {
     const AttentionKernels& kern = attention_kernels();
-    const int64_t LkP = (Lk + KB - 1) / KB * KB, DvP = (Dv + kern.lanes - 1) / kern.lanes * kern.lanes;
+    // keys padded to whole score tiles (SV vectors), not to whole KB tiles: short key sequences
+    // (a text condition of 77 tokens or fewer) would otherwise copy mostly zeros
+    const int64_t tile = SV * kern.lanes;
+    const int64_t LkP = (Lk + tile - 1) / tile * tile, DvP = (Dv + kern.lanes - 1) / kern.lanes * kern.lanes;
     std::vector<float> kt(B * D * LkP, 0.0f), vp(B * LkP * DvP, 0.0f);
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t b = 0; b < B; ++b) {

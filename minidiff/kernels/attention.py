@@ -301,7 +301,8 @@ def attention_forward_native(q, k, v, scale):
     if dtype != np.float32:
         return attention_forward_reference(q, k, v, scale)  # the native kernel is float32 only
     q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
-    parallel = q.shape[0] * q.shape[1] * k.shape[1] >= _cpu.PARALLEL_MIN
+    # each score costs D multiply-adds: count them, not the scores, against the threshold
+    parallel = q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2] >= _cpu.PARALLEL_MIN
     return native.attention_forward(q, k, v, float(scale), parallel)
 
 
