@@ -145,7 +145,8 @@ def _erf_float32(x):
     q = q * x2 + f(-1.68282697438203e-03)
     q = q * x2 + f(-7.37332916720468e-03)
     q = q * x2 + f(-1.42647390514189e-02)
-    return x * p / q
+    # the fit overshoots 1 by an ulp near the ends; erf never does
+    return min(max(x * p / q, f(-1.0)), f(1.0))
 
 
 def _gelu_slope(x, erf, tanh, c):
