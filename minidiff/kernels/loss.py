@@ -33,21 +33,20 @@ from .machine import cuda, native
 from .registry import register
 
 
-def _check_gloss(gloss, xp):
-    """gloss as a float64 array of ``xp`` (a gloss on the device stays there), one value."""
+def _gradient_scale(pred, target, gloss, shape):
+    """The checks of mse_loss_backward, then ``2 gloss / size`` in float64 rounded to pred's
+    dtype, an array of ``shape`` in pred's array module (a gloss on the device stays there, not
+    copied to the host); None for an empty pred."""
+    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
+    if not pred.size:
+        return None
+    xp = get_array_module(pred)
     gloss = xp.asarray(gloss, dtype=xp.float64)
     if gloss.size != 1:
         raise ValueError(
             f"mse_loss_backward: gloss must hold one value (the loss gradient), got shape {gloss.shape}"
         )
-    return gloss
-
-
-def _loss_gradient_scale(fn, gloss, size):
-    """``2 gloss / size`` as a Python float (gloss: a one-element array or a number)."""
-    if getattr(gloss, "size", 1) != 1:
-        raise ValueError(f"{fn}: gloss must hold one value (the loss gradient), got shape {gloss.shape}")
-    return float(gloss.item() if hasattr(gloss, "item") else gloss) * 2.0 / size
+    return (gloss.reshape(shape) * 2.0 / pred.size).astype(pred.dtype)
 
 
 # -- reference -------------------------------------------------------------------------------
@@ -65,11 +64,9 @@ def mse_loss_forward_reference(pred, target):
 @register("mse_loss_backward", "reference")
 def mse_loss_backward_reference(pred, target, gloss):
     """Gradient wrt pred of the loss above: ``(pred - target) * (2 gloss / size)``, pred's dtype."""
-    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
-    xp = get_array_module(pred)
-    if not pred.size:
-        return xp.empty(pred.shape, pred.dtype)
-    scale = (_check_gloss(gloss, xp).reshape(()) * 2.0 / pred.size).astype(pred.dtype)
+    scale = _gradient_scale(pred, target, gloss, ())
+    if scale is None:
+        return get_array_module(pred).empty(pred.shape, pred.dtype)
     return (pred - target) * scale
 
 
@@ -116,15 +113,29 @@ def mse_loss_forward_numba(pred, target):
     return _mean_of_sum(total, pred.size, pred.dtype)
 
 
-@register("mse_loss_backward", "numba")
-def mse_loss_backward_numba(pred, target, gloss):
+def _backward_on_cpu(pred, target, gloss, scaled_difference):
+    """mse_loss_backward through a CPU kernel ``scaled_difference(pred, target, scale)`` of flat
+    arrays, scale ``2 gloss / size`` a Python float (gloss: a one-element array or a number)."""
     check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
     if not pred.size:
         return np.empty(pred.shape, pred.dtype)
-    scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
-    out = np.empty(pred.shape, pred.dtype)
-    _SCALED_DIFFERENCE.pick(pred.size)(pred.size, flat(pred), flat(target), scale, out.ravel())
+    if getattr(gloss, "size", 1) != 1:
+        raise ValueError(
+            f"mse_loss_backward: gloss must hold one value (the loss gradient), got shape {gloss.shape}"
+        )
+    scale = float(gloss.item() if hasattr(gloss, "item") else gloss) * 2.0 / pred.size
+    return scaled_difference(flat(pred), flat(target), scale).reshape(pred.shape)
+
+
+def _scaled_difference_numba(pred, target, scale):
+    out = np.empty(pred.size, pred.dtype)
+    _SCALED_DIFFERENCE.pick(pred.size)(pred.size, pred, target, scale, out)
     return out
+
+
+@register("mse_loss_backward", "numba")
+def mse_loss_backward_numba(pred, target, gloss):
+    return _backward_on_cpu(pred, target, gloss, _scaled_difference_numba)
 
 
 # -- native (kernels/diffusion.cpp) ----------------------------------------------------------
@@ -137,14 +148,13 @@ def mse_loss_forward_native(pred, target):
     return _mean_of_sum(total, pred.size, pred.dtype)
 
 
+def _scaled_difference_native(pred, target, scale):
+    return native.scaled_difference(pred, target, scale, pred.size >= _cpu.PARALLEL_MIN)
+
+
 @register("mse_loss_backward", "native")
 def mse_loss_backward_native(pred, target, gloss):
-    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
-    if not pred.size:
-        return np.empty(pred.shape, pred.dtype)
-    scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
-    out = native.scaled_difference(flat(pred), flat(target), scale, pred.size >= _cpu.PARALLEL_MIN)
-    return out.reshape(pred.shape)
+    return _backward_on_cpu(pred, target, gloss, _scaled_difference_native)
 
 
 # -- Numba CUDA ------------------------------------------------------------------------------
@@ -198,13 +208,9 @@ def mse_loss_forward_cuda(pred, target):
 
 @register("mse_loss_backward", "cuda")
 def mse_loss_backward_cuda(pred, target, gloss):
-    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
-    xp = get_array_module(pred)
-    if not pred.size:
-        return xp.empty(pred.shape, pred.dtype)
-    # 2 gloss / size in float64, rounded to the dtype, as the reference computes it; on the device,
-    # so that a gloss there is not copied to the host
-    scale = (_check_gloss(gloss, xp).reshape(1) * 2.0 / pred.size).astype(pred.dtype)
-    out = xp.empty(pred.shape, pred.dtype)
+    scale = _gradient_scale(pred, target, gloss, (1,))  # rounded as the reference rounds it
+    out = get_array_module(pred).empty(pred.shape, pred.dtype)
+    if scale is None:
+        return out
     _cuda.launch_elementwise(_scaled_difference_cuda, out.size, flat(pred), flat(target), scale, out.ravel())
     return out

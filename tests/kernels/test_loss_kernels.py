@@ -4,21 +4,11 @@ and bad inputs."""
 
 from __future__ import annotations
 
+import kernel_params as kp
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_params import (
-    CPU_IMPLEMENTATIONS,
-    cases,
-    check_reference_and_doc,
-    close,
-    implementation,
-    impls,
-    make_array,
-    reference,
-    threads,
-)
 
 from minidiff.kernels import _cpu
 
@@ -27,18 +17,18 @@ FAST = ("numba", "native")
 
 @pytest.mark.parametrize("op", ["mse_loss_forward", "mse_loss_backward"])
 def test_every_op_has_a_reference_and_documents_it(op):
-    check_reference_and_doc(op)
+    kp.check_reference_and_doc(op)
 
 
 @st.composite
 def mse_cases(draw):
     """pred, target (any shape, long ones spanning several CHUNKs included) and gloss."""
-    rng, shape, dtype, layout = draw(cases(min_dims=0))
+    rng, shape, dtype, layout = draw(kp.cases(min_dims=0))
     if draw(st.booleans()):
         shape = (draw(st.integers(1, 3 * _cpu.CHUNK + 7)),)
         layout = draw(st.sampled_from(["contiguous", "strided"]))
-    pred = make_array(rng, shape, dtype, layout, scale=draw(st.sampled_from([0.1, 1.0, 10.0])))
-    target = make_array(rng, shape, dtype, layout)
+    pred = kp.make_array(rng, shape, dtype, layout, scale=draw(st.sampled_from([0.1, 1.0, 10.0])))
+    target = kp.make_array(rng, shape, dtype, layout)
     return pred, target, np.asarray(rng.standard_normal(), dtype=dtype)
 
 
@@ -47,8 +37,10 @@ def test_mse_reference_is_the_formula(case):
     pred, target, gloss = case
     dtype = pred.dtype
     diff = pred.astype(np.float64) - target.astype(np.float64)
-    close(reference("mse_loss_forward")(pred, target), np.asarray(np.mean(diff**2)), dtype)
-    close(reference("mse_loss_backward")(pred, target, gloss), 2 * diff * float(gloss) / diff.size, dtype)
+    kp.close(kp.reference("mse_loss_forward")(pred, target), np.asarray(np.mean(diff**2)), dtype)
+    kp.close(
+        kp.reference("mse_loss_backward")(pred, target, gloss), 2 * diff * float(gloss) / diff.size, dtype
+    )
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
@@ -56,31 +48,31 @@ def test_mse_reference_is_the_formula(case):
 @pytest.mark.parametrize("name", FAST)
 @given(case=mse_cases())
 def test_mse_matches_the_reference(name, op, parallel, case):
-    impl = implementation(op, name)
+    impl = kp.implementation(op, name)
     pred, target, gloss = case
     args = (pred, target) if op == "mse_loss_forward" else (pred, target, gloss)
-    with threads(parallel):
+    with kp.threads(parallel):
         out = impl(*args)
-    close(out, reference(op)(*args), pred.dtype)
+    kp.close(out, kp.reference(op)(*args), pred.dtype)
 
 
-@pytest.mark.parametrize("impl", impls("mse_loss_forward", FAST))
+@pytest.mark.parametrize("impl", kp.impls("mse_loss_forward", FAST))
 def test_mse_sum_does_not_depend_on_the_threads(impl):
     """The loss is summed over fixed chunks, in order: serial and parallel agree to the bit."""
     rng = np.random.default_rng(1)
     for n in (1, 5, _cpu.CHUNK - 1, _cpu.CHUNK, 7 * _cpu.CHUNK + 3):
         pred, target = rng.standard_normal(n), rng.standard_normal(n)
-        with threads(False):
+        with kp.threads(False):
             serial = impl(pred, target)
-        with threads(True):
+        with kp.threads(True):
             parallel = impl(pred, target)
         assert serial.shape == () and serial == parallel
 
 
 @pytest.mark.parametrize("op", ["mse_loss_forward", "mse_loss_backward"])
-@pytest.mark.parametrize("name", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", kp.CPU_IMPLEMENTATIONS)
 def test_mse_rejects_bad_inputs(name, op):
-    impl = implementation(op, name)
+    impl = kp.implementation(op, name)
     extra = (np.ones(()),) if op == "mse_loss_backward" else ()
     with pytest.raises(ValueError, match="shapes must match"):
         impl(np.zeros((2, 3)), np.zeros((3, 2)), *extra)
