@@ -12,14 +12,11 @@ must pass: mean confidence >= 0.9 and every class present.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
+from minidiff.bench.harness import command_parser, dated_machine, trained_run
 from minidiff.train import TrainConfig, Trainer
 from minidiff.train.evaluate import sample_quality_report
 
@@ -27,9 +24,7 @@ MIN_CONFIDENCE = 0.9
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(None, __doc__)
     parser.add_argument("--checkpoint", help="evaluate this run instead of training a new one")
     parser.add_argument("--out", default="runs/quality", help="where to train (without --checkpoint)")
     parser.add_argument("--num", type=int, default=500, help="samples to draw")
@@ -38,22 +33,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="bench/quality.json", help="where to write the results")
     args = parser.parse_args(argv)
 
-    train_seconds = None
-    checkpoint = args.checkpoint
+    checkpoint, train_seconds = trained_run(
+        args.checkpoint, args.out, lambda: Trainer(TrainConfig(), args.out)
+    )
     if checkpoint is None:
-        start = time.perf_counter()
-        result = Trainer(TrainConfig(), args.out).fit()
-        train_seconds = time.perf_counter() - start
-        if result["status"] != "finished":
-            print(f"training {result['status']} at step {result['step']}", file=sys.stderr)
-            return 1
-        checkpoint = args.out
+        return 1
     report = sample_quality_report(checkpoint, num=args.num, steps=args.steps, guidance=args.guidance)
     classes = len(report["class_histogram"])
     passed = report["mean_confidence"] >= MIN_CONFIDENCE and min(report["class_histogram"]) > 0
     report.update(
-        date=datetime.date.today().isoformat(),
-        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        **dated_machine(),
         train_seconds=train_seconds,
         checkpoint=str(checkpoint),
         passed=passed,

@@ -14,16 +14,14 @@ all four at once in at least 70%.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from minidiff.bench.harness import command_parser, dated_machine, trained_run
 from minidiff.data import save_grid
 from minidiff.data.shapes import (
     ATTRIBUTES,
@@ -50,9 +48,7 @@ def grammar_prompts(count: int, seed: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(None, __doc__)
     parser.add_argument("--checkpoint", help="check this run instead of training a new one")
     parser.add_argument("--out", default="runs/t2i-quality", help="where to train (without --checkpoint)")
     parser.add_argument("--prompts", type=int, default=40, help="prompts drawn from the grammar")
@@ -65,18 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="bench/t2i_quality.json", help="where to write the results")
     args = parser.parse_args(argv)
 
-    train_seconds = None
-    run = args.checkpoint
+    run, train_seconds = trained_run(args.checkpoint, args.out, lambda: T2ITrainer(T2IConfig(), args.out))
     if run is None:
-        start = time.perf_counter()
-        result = T2ITrainer(T2IConfig(), args.out).fit()
-        train_seconds = time.perf_counter() - start
-        if result["status"] != "finished":
-            print(
-                f"training {result['status']} in {result['stage']} at step {result['step']}", file=sys.stderr
-            )
-            return 1
-        run = args.out
+        return 1
     config = load_run_config(run) or T2IConfig()
     guidance = config.guidance if args.guidance is None else args.guidance
     steps = config.sample_steps if args.steps is None else args.steps
@@ -107,8 +94,7 @@ def main(argv=None) -> int:
         print(f"{name:<10} {samples[name]:>8.3f} {real[name]:>14.3f}")
     print(f"bar: each attribute >= {MIN_ATTRIBUTE}, all >= {MIN_ALL}: {'passed' if passed else 'FAILED'}")
     report = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        **dated_machine(),
         "run": str(run),
         "train_seconds": train_seconds,
         "sample_seconds": sample_seconds,

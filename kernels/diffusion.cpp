@@ -1,5 +1,6 @@
 // Diffusion kernels on the CPU: q_sample and the MSE loss against the noise (forward sum and
-// backward). Same semantics as the references in minidiff/kernels/diffusion.py: coefficients
+// backward). Same semantics as the references in minidiff/kernels/diffusion.py (the loss: in
+// minidiff/kernels/loss.py): coefficients
 // rounded to T, then every product and sum in T, in the order of the formula.
 //
 // These are single memory-bound passes over small arrays, so two things matter: no OpenMP region

@@ -152,7 +152,7 @@ const char* attention_forward_isa();
 // size (waking the sleeping workers costs more than a small memory-bound pass takes).
 
 // Elements per OpenMP task and per partial sum of squared_error_sum (CHUNK in
-// minidiff/kernels/diffusion.py).
+// minidiff/kernels/_cpu.py, which the loss sums of minidiff/kernels/loss.py use).
 constexpr int64_t kChunk = 4096;
 
 // out[n, k] = a[n] x0[n, k] + s[n] noise[n, k] over (N, M), with a[n] = T(sqrt_abar[t[n]]) and

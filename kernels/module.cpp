@@ -345,8 +345,8 @@ void bind(py::module_& m) {
 }
 
 // -- diffusion.cpp --------------------------------------------------------------------------
-// The Python wrappers (minidiff/kernels/diffusion.py) pass flat C-contiguous arrays and decide
-// `parallel` by size.
+// The Python wrappers (minidiff/kernels/diffusion.py and loss.py) pass flat C-contiguous arrays
+// and decide `parallel` by size.
 
 void require_same_size(const py::array& a, const py::array& b, const std::string& message) {
     require(a.size() == b.size(), message);

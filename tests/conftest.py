@@ -101,3 +101,12 @@ def make_leaf():
 def rng():
     """A fresh, seeded NumPy generator for example-based tests."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A cache folder of the test's own (MINIDIFF_CACHE): the classifier and feature caches never
+    reach the home directory. Modules that train or evaluate use it for every test."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MINIDIFF_CACHE", str(cache))
+    return cache

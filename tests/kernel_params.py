@@ -1,11 +1,17 @@
-"""Shared pieces of the kernel tests: the implementations to run, and input layouts."""
+"""Shared pieces of the kernel tests: the implementations to run, input layouts, the serial and
+parallel drivers."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from minidiff import kernels
+from minidiff.kernels import _cpu
+from minidiff.testing import tolerance
 
 # The implementations that run NumPy arrays; the CUDA kernels have tests of their own
 # (tests/kernels/test_cuda_kernels.py).
@@ -37,3 +43,53 @@ def make_array(rng, shape, dtype, layout, scale=1.0, xp=np):
     if layout == "strided" and shape:
         return draw((*shape[:-1], 2 * shape[-1]))[..., ::2]
     return draw(shape)
+
+
+def implementation(op, name):
+    """The ``name`` version of ``op``; the test is skipped where this machine has none."""
+    impl = kernels.implementations(op).get(name)
+    if impl is None:
+        pytest.skip(f"no {name} version of {op} here")
+    return impl
+
+
+@contextlib.contextmanager
+def threads(parallel):
+    """Force the parallel (every size) or the serial (no size) driver of the fast kernels."""
+    saved = _cpu.PARALLEL_MIN
+    _cpu.PARALLEL_MIN = 0 if parallel else 1 << 62
+    try:
+        yield
+    finally:
+        _cpu.PARALLEL_MIN = saved
+
+
+def reference(op):
+    return kernels.implementations(op)["reference"]
+
+
+def check_reference_and_doc(op):
+    """``op`` has a reference, every version registered for it can run here, and the dispatcher
+    carries the reference's docstring."""
+    registered = kernels.implementations(op)
+    assert "reference" in registered
+    assert all(kernels.available()[name][0] for name in registered)
+    assert getattr(kernels, op).__doc__ == registered["reference"].__doc__
+
+
+def close(actual, expected, dtype):
+    """Same shape, ``dtype``, and values within the tolerance of the dtype."""
+    assert actual.shape == expected.shape
+    assert actual.dtype == dtype
+    np.testing.assert_allclose(actual, expected, **tolerance(dtype))
+
+
+@st.composite
+def cases(draw, min_dims=1):
+    """``(rng, shape, dtype, layout)``: a small batch (N, ...) with 0-3 more dims (float32 or
+    float64; C-contiguous, transposed or strided)."""
+    rest = tuple(draw(st.lists(st.integers(1, 4), max_size=3)))
+    shape = (draw(st.integers(1, 4)), *rest) if min_dims else rest
+    dtype = draw(st.sampled_from((np.float32, np.float64)))
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    return np.random.default_rng(draw(st.integers(0, 2**32 - 1))), shape, dtype, layout

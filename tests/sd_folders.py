@@ -42,3 +42,36 @@ def write_clip_tokenizer(folder, pad_token=EOS, model_max_length=16, words=WORDS
     """Write a CLIP tokenizer folder (as Stable Diffusion's ``tokenizer/``; SD 1.x pads with
     ``<|endoftext|>``, SD 2.x with ``"!"``) and return it."""
     return _write(folder, words, model_max_length=model_max_length, pad_token=pad_token)
+
+
+def clip_text_config(tokenizer, hidden_size, intermediate_size, heads, layers=2, **extra) -> dict:
+    """The keys of a small CLIPTextConfig over ``tokenizer`` (ours or transformers'): its vocabulary,
+    special tokens and length, ``layers`` layers of the given sizes, then ``extra``."""
+    # transformers' CLIPTokenizer counts the added tokens in len(), ours in vocab_size
+    vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def clip_vision_config(patch_size, hidden_size=32, intermediate_size=37, heads=4, layers=2, **extra) -> dict:
+    """The keys of a small CLIPVisionConfig: 30x30 images cut in ``patch_size`` patches, then
+    ``extra``."""
+    return dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=30,
+        patch_size=patch_size,
+        **extra,
+    )

@@ -205,3 +205,25 @@ def test_cli_bench_sd_options_are_refused_elsewhere(capsys):
     assert "--tiny only apply with --sd" in capsys.readouterr().err
     assert cli_main(["bench", "--sd", "--unet"]) == 2
     assert "give --sd or --unet, not both" in capsys.readouterr().err
+
+
+def test_trained_run_takes_a_checkpoint_or_trains(capsys):
+    """The quality benchmarks' run: a checkpoint as given, untrained; else the trained folder, or
+    None with the reason when training stopped early."""
+
+    class Trainer:
+        def __init__(self, result):
+            self.result = result
+
+        def fit(self):
+            return self.result
+
+    def refuse():
+        raise AssertionError("a given checkpoint trains nothing")
+
+    assert harness.trained_run("runs/given", "runs/out", refuse) == ("runs/given", None)
+    run, seconds = harness.trained_run(None, "runs/out", lambda: Trainer({"status": "finished"}))
+    assert run == "runs/out" and seconds >= 0
+    stopped = {"status": "diverged", "stage": "autoencoder", "step": 7}
+    assert harness.trained_run(None, "runs/out", lambda: Trainer(stopped))[0] is None
+    assert "training diverged in autoencoder at step 7" in capsys.readouterr().err

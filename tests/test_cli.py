@@ -15,45 +15,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_runs import TINY, cli
 
 import minidiff.metrics
 from minidiff import io
 from minidiff.cli import build_parser, main
 
-TINY = {
-    "dataset": "digits",
-    "image_size": 8,
-    "steps": 4,
-    "batch_size": 8,
-    "timesteps": 20,
-    "sample_steps": 2,
-    "sample_every": 2,
-    "checkpoint_every": 2,
-    "log_every": 1,
-    "model": {
-        "base_channels": 8,
-        "channel_mults": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [4],
-        "norm_groups": 4,
-    },
-}
+pytestmark = pytest.mark.usefixtures("private_cache")  # every test: a cache of its own
 SUBCOMMANDS = ["info", "train", "sample", "eval"]
-
-
-def cli(argv) -> int:
-    """``main``'s exit status, returned or raised (argparse and usage errors raise SystemExit)."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MINIDIFF_CACHE", str(cache))
-    return cache
 
 
 def write_config(folder, **overrides) -> str:

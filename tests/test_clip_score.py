@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from sd_folders import write_clip_tokenizer
+from sd_folders import clip_text_config, clip_vision_config, write_clip_tokenizer
 
 from minidiff.data import to_uint8
 from minidiff.metrics import clip_score, clip_scores
@@ -96,25 +96,8 @@ def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     write_clip_tokenizer(folder)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=24,
-        intermediate_size=29,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=30,
-        patch_size=6,
-    )
+    assert tokenizer.model_max_length == 16
+    text, vision = clip_text_config(tokenizer, 24, 29, heads=2), clip_vision_config(6)
     torch.manual_seed(0)
     model = transformers.CLIPModel(
         transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)

@@ -20,7 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import TINY, assert_bitwise_equal, latest, read_log, snapshot, tiny_config, tiny_trainer
+from test_train import (
+    TINY,
+    assert_bitwise_equal,
+    latest,
+    read_log,
+    snapshot,
+    stop_requested_at,
+    tiny_config,
+    tiny_trainer,
+)
+from tiny_runs import cli
 
 import minidiff.diffusion
 from minidiff import io
@@ -30,19 +40,7 @@ from minidiff.train import Trainer
 from minidiff.train.ddpm import RunExistsError, config_help
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(argv) -> int:
-    """``main``'s exit status, returned or raised (argparse and usage errors raise SystemExit)."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # every test: a cache of its own
 
 
 @pytest.fixture(scope="module")
@@ -154,17 +152,8 @@ def test_a_second_trainer_on_a_folder_is_refused(tmp_path, capsys):
 
 def test_sigterm_stops_like_ctrl_c_and_saves_a_checkpoint(tmp_path, straight6):
     trainer = tiny_trainer(tmp_path, steps=6)
-    real_step = trainer.train_step
     before = signal.getsignal(signal.SIGTERM)
-
-    def step_with_sigterm():
-        if trainer.step == 2:
-            # only a real SIGTERM when fit's handler is in place: else it would end pytest
-            assert signal.getsignal(signal.SIGTERM) == trainer._request_stop
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step()
-
-    trainer.train_step = step_with_sigterm
+    trainer.train_step = stop_requested_at(trainer, 2, signal.SIGTERM)
     assert trainer.fit()["status"] == "interrupted"
     assert latest(tmp_path) == "step-00000003"
     assert signal.getsignal(signal.SIGTERM) is before

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from tiny_runs import tiny_run
 
 import minidiff.metrics.fid as fid_module
 import minidiff.models.inception as inception_module
@@ -72,24 +73,8 @@ def test_low_rank_frechet_distance_equals_the_covariance_form(n, m):
 
 # -- minidiff eval --metric fid --inception -----------------------------------------------------------
 
-TINY = {
-    "dataset": "digits",
-    "image_size": 8,
-    "steps": 2,
-    "batch_size": 8,
-    "timesteps": 20,
-    "sample_steps": 2,
-    "sample_every": 2,
-    "checkpoint_every": 2,
-    "log_every": 1,
-    "model": {
-        "base_channels": 8,
-        "channel_mults": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "norm_groups": 4,
-    },
-}
+TINY = tiny_run(steps=2, model={"attn_resolutions": []})
+pytestmark = pytest.mark.usefixtures("private_cache")  # every test: a cache of its own
 
 
 @pytest.fixture(autouse=True)
@@ -97,13 +82,6 @@ def small_inception_input(monkeypatch):
     """The command's plumbing runs the network at 75x75, its smallest input, not 299x299 (16
     times the work); tests/models/test_inception.py checks the network at 299."""
     monkeypatch.setattr(inception_module, "FID_SIZE", 75)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MINIDIFF_CACHE", str(cache))
-    return cache
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from minidiff.metrics import (
     train_classifier,
 )
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Never write the classifier cache to the home directory."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MINIDIFF_CACHE", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")  # never the classifier cache at home
 
 
 def random_spd(rng, d, scale=1.0):

@@ -17,46 +17,23 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_runs import tiny_run
 
 from minidiff import io
 from minidiff.train import ModelConfig, TrainConfig, Trainer, TrainingDiverged, load_model
 from minidiff.train.plot import plot_loss
 
-TINY = {
-    "dataset": "digits",
-    "image_size": 8,
-    "steps": 4,
-    "batch_size": 8,
-    "timesteps": 20,
-    "warmup_steps": 2,
-    "sample_steps": 2,
-    "sample_every": 2,
-    "checkpoint_every": 2,
-    "log_every": 1,
-    "model": {
-        "base_channels": 8,
-        "channel_mults": (1, 2),
-        "num_res_blocks": 1,
-        "attn_resolutions": (4,),
-        "norm_groups": 4,
-    },
-}
+TINY = tiny_run(warmup_steps=2)
 # every source of randomness in play: model dropout, label dropout and flips
 RANDOM = {"class_dropout": 0.3, "flip": True, "model": {"dropout": 0.2}}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Nothing here trains the classifier; should anything, it stays out of the home directory."""
-    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "cache"))
+# nothing here trains the classifier; should anything, it stays out of the home directory
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = copy.deepcopy(TINY)
-    model = overrides.pop("model", {})
-    values.update(overrides)
-    values["model"].update(model)
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(tiny_run(**{"warmup_steps": 2, **overrides}))
 
 
 def tiny_trainer(out, **overrides) -> Trainer:
@@ -92,6 +69,24 @@ def assert_bitwise_equal(a: dict, b: dict):
                 assert np.array_equal(x, y), f"{key}/{name} differs (max |diff| {np.abs(x - y).max()})"
         else:
             assert a[key] == b[key], key
+
+
+def stop_requested_at(trainer, step, signum=None):
+    """``trainer.train_step`` that asks the trainer to stop once ``step`` steps are done: a real
+    ``signum`` sent to this process (fit's handler must be in place, else it would stop pytest),
+    or without signum a Ctrl-C handed to the trainer's handler directly."""
+    real_step = trainer.train_step
+
+    def step_then_stop():
+        if trainer.step == step:
+            if signum is None:
+                trainer._request_stop(signal.SIGINT, None)
+            else:
+                assert signal.getsignal(signum) == trainer._request_stop
+                os.kill(os.getpid(), signum)
+        return real_step()
+
+    return step_then_stop
 
 
 def read_log(out) -> list[list[str]]:
@@ -262,14 +257,8 @@ def test_train_step_raises_training_diverged(tmp_path, monkeypatch):
 
 def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, straight_runs, monkeypatch):
     trainer = tiny_trainer(tmp_path, steps=6)
-    real_step = trainer.train_step
-
-    def step_with_ctrl_c():
-        if trainer.step == 2:  # Ctrl-C arrives during the 3rd step
-            trainer._request_stop(signal.SIGINT, None)
-        return real_step()
-
-    monkeypatch.setattr(trainer, "train_step", step_with_ctrl_c)
+    # Ctrl-C arrives during the 3rd step
+    monkeypatch.setattr(trainer, "train_step", stop_requested_at(trainer, 2))
     result = trainer.fit()
     assert result == {"status": "interrupted", "step": 3, "out_dir": str(tmp_path)}
     assert latest(tmp_path) == "step-00000003"  # not a checkpoint_every step: saved for the interrupt
@@ -284,17 +273,8 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, straight_ru
 
 def test_a_real_sigint_is_handled_and_the_handler_restored(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path, steps=4)
-    real_step = trainer.train_step
     before = signal.getsignal(signal.SIGINT)
-
-    def step_with_sigint():
-        if trainer.step == 1:
-            # only send a real SIGINT when fit's handler is in place: else it would stop pytest
-            assert signal.getsignal(signal.SIGINT) == trainer._request_stop
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step()
-
-    monkeypatch.setattr(trainer, "train_step", step_with_sigint)
+    monkeypatch.setattr(trainer, "train_step", stop_requested_at(trainer, 1, signal.SIGINT))
     result = trainer.fit()
     assert result["status"] == "interrupted" and result["step"] == 2
     assert latest(tmp_path) == "step-00000002"
@@ -304,13 +284,7 @@ def test_a_real_sigint_is_handled_and_the_handler_restored(tmp_path, monkeypatch
 def test_fit_again_after_an_interrupt_continues(tmp_path):
     trainer = tiny_trainer(tmp_path, steps=4)
     real_step = trainer.train_step
-
-    def step_with_ctrl_c():
-        if trainer.step == 1:
-            trainer._request_stop(signal.SIGINT, None)
-        return real_step()
-
-    trainer.train_step = step_with_ctrl_c
+    trainer.train_step = stop_requested_at(trainer, 1)
     assert trainer.fit()["status"] == "interrupted"
     trainer.train_step = real_step
     assert trainer.fit() == {"status": "finished", "step": 4, "out_dir": str(tmp_path)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -300,3 +301,27 @@ def command_parser(prog, description) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def trained_run(checkpoint, out, make_trainer) -> tuple[str | None, float | None]:
+    """``(run folder, training seconds)`` for a quality benchmark: ``checkpoint`` as given (no
+    training), or ``out`` once ``make_trainer().fit()`` has trained there; the folder is None
+    (the reason printed) when the training did not finish."""
+    if checkpoint is not None:
+        return checkpoint, None
+    start = time.perf_counter()
+    result = make_trainer().fit()
+    seconds = time.perf_counter() - start
+    if result["status"] != "finished":
+        stage = f" in {result['stage']}" if "stage" in result else ""
+        print(f"training {result['status']}{stage} at step {result['step']}", file=sys.stderr)
+        return None, seconds
+    return out, seconds
+
+
+def dated_machine() -> dict:
+    """Today's date and the machine, the heading of a quality report."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }

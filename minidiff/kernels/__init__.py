@@ -1,9 +1,10 @@
 """Kernels: plain-array functions behind the ops, each with a reference and faster versions.
 
 Kernels take and return NumPy or CuPy arrays, never Tensors. Each family file (conv.py,
-norm.py, attention.py, activation.py, diffusion.py, optim.py) holds the reference, Numba CPU, native and Numba
-CUDA versions side by side; the functions below dispatch to the one selected, by the device of
-the first array (NumPy: a CPU version; CuPy: the CUDA version) and the user's choice:
+norm.py, attention.py, activation.py, loss.py, diffusion.py, optim.py) holds the reference, Numba
+CPU, native and Numba CUDA versions side by side; the functions below dispatch to the one
+selected, by the device of the first array (NumPy: a CPU version; CuPy: the CUDA version) and the
+user's choice:
 
     from minidiff import kernels
     kernels.available()            # {"reference": (True, ...), "numba": ..., "native": ..., "cuda": ...}
@@ -15,7 +16,7 @@ the first array (NumPy: a CPU version; CuPy: the CUDA version) and the user's ch
 """
 
 # importing the family files registers their implementations
-from . import activation, attention, conv, diffusion, norm, optim  # noqa: F401
+from . import activation, attention, conv, diffusion, loss, norm, optim  # noqa: F401
 
 # conv.py's dispatchers, and the convolution's forward and backward, which choose the strategy
 # (direct kernels, a matrix product for 1x1, or im2col and matrix products)
@@ -39,10 +40,11 @@ gelu_forward = dispatcher("gelu_forward")
 gelu_backward = dispatcher("gelu_backward")
 geglu_forward = dispatcher("geglu_forward")
 geglu_backward = dispatcher("geglu_backward")
-# diffusion.py
-q_sample = dispatcher("q_sample")
+# loss.py
 mse_loss_forward = dispatcher("mse_loss_forward")
 mse_loss_backward = dispatcher("mse_loss_backward")
+# diffusion.py
+q_sample = dispatcher("q_sample")
 ddpm_step = dispatcher("ddpm_step")
 ddim_step = dispatcher("ddim_step")
 # optim.py

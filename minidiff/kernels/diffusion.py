@@ -1,11 +1,10 @@
-"""Diffusion kernels: the forward process, the MSE against the noise, one sampler step.
+"""Diffusion kernels: the forward process and one sampler step (the MSE against the noise, the
+training loss, is in loss.py).
 
 Notation of minidiff/diffusion/gaussian.py: ``abar_t = prod_{s<=t} (1 - beta_s)``, its tables of
 length T in float64, 0-based timesteps. Per element, with n the sample of the element:
 
     q_sample            x_t = sqrt_abar[t_n] x0 + sqrt_one_minus_abar[t_n] noise
-    mse_loss_forward    loss = sum((pred - target)^2) / size          (summed in float64)
-    mse_loss_backward   gpred = (pred - target) * (2 gloss / size)
     ddpm_step           x_prev = coef_x0 x0 + coef_xt x_t + sigma noise
     ddim_step           x_prev = sqrt_abar_prev x0 + direction eps + sigma noise
 
@@ -16,25 +15,19 @@ then uses the eps that the clipped x0 implies, ``eps = (x_t - sqrt_abar x0) / sq
 Rounding: coefficients are rounded to the data's dtype, then every product and sum is done in that
 dtype in the order written above, as the NumPy statements of the samplers and of q_sample did; the
 fast versions round the same way (no fused multiply-add), so they agree with the reference to the
-bit. The loss is the exception: it is summed in float64, the fast versions over chunks of
-``_cpu.CHUNK`` elements (each in vector lanes, an order fixed for a build and a CPU) whose sums are
-added in order, so it does not depend on the number of threads; it agrees with the reference to
-float64 rounding. Division by zero gives inf or NaN, as in NumPy, in every version.
+bit. Division by zero gives inf or NaN, as in NumPy, in every version.
 
 The CUDA versions round the coefficients the same way and compute in the data's dtype too, but
 the CUDA compiler contracts a product and a sum into one fused multiply-add, so they agree with
-the reference to about one rounding of the dtype rather than to the bit; their loss is summed in
-float64 per block (a tree in shared memory, a fixed order) and the block sums added by one block.
+the reference to about one rounding of the dtype rather than to the bit.
 
 Four implementations side by side: the reference (``xp`` code, NumPy or CuPy), Numba CPU, for
-q_sample and the loss the C++ extension (kernels/diffusion.cpp), and Numba CUDA for CuPy arrays
+q_sample the C++ extension (kernels/diffusion.cpp), and Numba CUDA for CuPy arrays
 (grid-stride loops over the elements). The sampler steps' math per element is written once and
 compiled for both Numba targets.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 
@@ -42,7 +35,6 @@ from minidiff.backend import get_array_module, to_device
 
 from . import _cpu, _cuda
 from ._checks import check_arrays, flat
-from ._cuda import BUFFER, block_sum
 from .machine import cuda, native, njit
 from .registry import register
 
@@ -89,13 +81,6 @@ def _check_timesteps(t, T):
         raise _timestep_error(t, T)
 
 
-def _loss_gradient_scale(fn, gloss, size):
-    """``2 gloss / size`` as a Python float (gloss: a one-element array or a number)."""
-    if getattr(gloss, "size", 1) != 1:
-        raise ValueError(f"{fn}: gloss must hold one value (the loss gradient), got shape {gloss.shape}")
-    return float(gloss.item() if hasattr(gloss, "item") else gloss) * 2.0 / size
-
-
 # -- reference -------------------------------------------------------------------------------
 
 
@@ -113,31 +98,6 @@ def q_sample_reference(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     a = xp.asarray(sqrt_abar[t].astype(x0.dtype)).reshape(shape)
     s = xp.asarray(sqrt_one_minus_abar[t].astype(x0.dtype)).reshape(shape)
     return a * x0 + s * noise
-
-
-@register("mse_loss_forward", "reference")
-def mse_loss_forward_reference(pred, target):
-    """``mean((pred - target)^2)`` computed in float64, returned as a 0-d array of pred's dtype."""
-    check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
-    xp = get_array_module(pred)
-    diff = pred.astype(xp.float64, copy=False) - target.astype(xp.float64, copy=False)
-    return xp.asarray((diff * diff).sum() / diff.size, dtype=pred.dtype)
-
-
-@register("mse_loss_backward", "reference")
-def mse_loss_backward_reference(pred, target, gloss):
-    """Gradient wrt pred of the loss above: ``(pred - target) * (2 gloss / size)``, pred's dtype."""
-    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
-    xp = get_array_module(pred)
-    if not pred.size:
-        return xp.empty(pred.shape, pred.dtype)
-    gloss = xp.asarray(gloss, dtype=xp.float64)
-    if gloss.size != 1:
-        raise ValueError(
-            f"mse_loss_backward: gloss must hold one value (the loss gradient), got shape {gloss.shape}"
-        )
-    scale = (gloss.reshape(()) * 2.0 / pred.size).astype(pred.dtype)
-    return (pred - target) * scale
 
 
 @register("ddpm_step", "reference")
@@ -244,24 +204,6 @@ def _q_sample_span(lo, hi, x0, noise, a, s, M, out):
             out_n[k] = an * x0_n[k] + sn * noise_n[k]
 
 
-def _squared_error_span(lo, hi, pred, target):
-    """float64 sum of (pred - target)^2 over lo..hi. "reassoc" (and nothing else of fastmath:
-    NaN and inf still propagate) lets LLVM split the sum into vector lanes."""
-    pred, target = pred[lo:hi], target[lo:hi]
-    total = 0.0
-    for i in range(pred.size):
-        d = np.float64(pred[i]) - np.float64(target[i])
-        total += d * d
-    return total
-
-
-def _scaled_difference_span(lo, hi, pred, target, scale, out):
-    pred, target, out = pred[lo:hi], target[lo:hi], out[lo:hi]
-    sc = out.dtype.type(scale)
-    for i in range(out.size):
-        out[i] = (pred[i] - target[i]) * sc
-
-
 def _ddpm_span(lo, hi, x_t, x0, noise, coef_x0, coef_xt, sigma, clip, has_noise, out):
     x_t, x0, noise, out = x_t[lo:hi], x0[lo:hi], noise[lo:hi], out[lo:hi]
     f = out.dtype.type
@@ -294,8 +236,6 @@ def _ddim_span(
 
 
 _Q_SAMPLE = _cpu.drivers(_q_sample_span, chunk=1)  # a sample per task
-_SQUARED_ERROR = _cpu.sum_drivers(_squared_error_span, fastmath={"reassoc"})
-_SCALED_DIFFERENCE = _cpu.drivers(_scaled_difference_span)
 _DDPM = _cpu.drivers(_ddpm_span)
 _DDIM = _cpu.drivers(_ddim_span)
 
@@ -314,15 +254,6 @@ def _noise_or(noise, x_t):
     return (x_t, False) if noise is None else (flat(noise), True)
 
 
-def _mean_of_sum(total, size, dtype):
-    """The loss as a 0-d array of ``dtype``: ``total / size`` (NaN with a warning when size is 0,
-    as np.mean)."""
-    if not size:
-        warnings.warn("mean of an empty array", RuntimeWarning, stacklevel=3)
-        return np.array(np.nan, dtype=dtype)
-    return np.array(total / size, dtype=dtype)
-
-
 @register("q_sample", "numba")
 def q_sample_numba(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     t = _check_q_sample(x0, noise, sqrt_abar, sqrt_one_minus_abar, t)
@@ -332,24 +263,6 @@ def q_sample_numba(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     if bad >= 0:
         raise _timestep_error(t, sqrt_abar.size)
     _Q_SAMPLE.pick(x0.size)(t.size, flat(x0), flat(noise), a, s, _row_size(x0), out.ravel())
-    return out
-
-
-@register("mse_loss_forward", "numba")
-def mse_loss_forward_numba(pred, target):
-    check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
-    total = _SQUARED_ERROR.pick(pred.size)(pred.size, flat(pred), flat(target))
-    return _mean_of_sum(total, pred.size, pred.dtype)
-
-
-@register("mse_loss_backward", "numba")
-def mse_loss_backward_numba(pred, target, gloss):
-    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
-    if not pred.size:
-        return np.empty(pred.shape, pred.dtype)
-    scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
-    out = np.empty(pred.shape, pred.dtype)
-    _SCALED_DIFFERENCE.pick(pred.size)(pred.size, flat(pred), flat(target), scale, out.ravel())
     return out
 
 
@@ -400,23 +313,6 @@ def q_sample_native(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     return out.reshape(x0.shape)
 
 
-@register("mse_loss_forward", "native")
-def mse_loss_forward_native(pred, target):
-    check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
-    total = native.squared_error_sum(flat(pred), flat(target), pred.size >= _cpu.PARALLEL_MIN)
-    return _mean_of_sum(total, pred.size, pred.dtype)
-
-
-@register("mse_loss_backward", "native")
-def mse_loss_backward_native(pred, target, gloss):
-    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
-    if not pred.size:
-        return np.empty(pred.shape, pred.dtype)
-    scale = _loss_gradient_scale("mse_loss_backward", gloss, pred.size)
-    out = native.scaled_difference(flat(pred), flat(target), scale, pred.size >= _cpu.PARALLEL_MIN)
-    return out.reshape(pred.shape)
-
-
 # -- Numba CUDA ------------------------------------------------------------------------------
 #
 # Elementwise kernels over flat C-contiguous arrays; the scalars arrive as NumPy scalars of the
@@ -431,39 +327,6 @@ def _q_sample_cuda(x0, noise, a, s, M, out):
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         n = i // M
         out[i] = a[n] * x0[i] + s[n] * noise[i]
-
-
-@cuda.jit(cache=True)
-def _squared_error_partials_cuda(pred, target, partial):
-    # grid-stride loop over the elements, then one float64 partial sum per block
-    total = 0.0
-    for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
-        d = np.float64(pred[i]) - np.float64(target[i])
-        total += d * d
-    buf = cuda.shared.array(BUFFER, np.float64)
-    total = block_sum(buf, total)
-    if cuda.threadIdx.x == 0:
-        partial[cuda.blockIdx.x] = total
-
-
-@cuda.jit(cache=True)
-def _mean_of_partials_cuda(partial, size, out):
-    # a single block; its threads stride over the partial sums
-    total = 0.0
-    for k in range(cuda.threadIdx.x, partial.size, cuda.blockDim.x):
-        total += partial[k]
-    buf = cuda.shared.array(BUFFER, np.float64)
-    total = block_sum(buf, total)
-    if cuda.threadIdx.x == 0:
-        out[0] = total / size
-
-
-@cuda.jit(cache=True)
-def _scaled_difference_cuda(pred, target, scale, out):
-    # grid-stride loop over the elements; scale: one value of the dtype, in device memory
-    sc = scale[0]
-    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        out[i] = (pred[i] - target[i]) * sc
 
 
 @cuda.jit(cache=True)
@@ -493,38 +356,6 @@ def q_sample_cuda(x0, noise, sqrt_abar, sqrt_one_minus_abar, t):
     _cuda.launch_elementwise(
         _q_sample_cuda, out.size, flat(x0), flat(noise), a, s, _row_size(x0), out.ravel()
     )
-    return out
-
-
-@register("mse_loss_forward", "cuda")
-def mse_loss_forward_cuda(pred, target):
-    check_arrays("mse_loss_forward", ("pred", "target"), pred, target)
-    xp = get_array_module(pred)
-    if not pred.size:
-        return xp.asarray(_mean_of_sum(0.0, 0, pred.dtype))
-    partial = xp.empty(_cuda.elementwise_blocks(pred.size), np.float64)
-    _cuda.launch_elementwise(_squared_error_partials_cuda, pred.size, flat(pred), flat(target), partial)
-    mean = xp.empty(1, np.float64)
-    _cuda.launch_per_block(_mean_of_partials_cuda, 1, partial.size, partial, np.float64(pred.size), mean)
-    return mean.astype(pred.dtype).reshape(())
-
-
-@register("mse_loss_backward", "cuda")
-def mse_loss_backward_cuda(pred, target, gloss):
-    check_arrays("mse_loss_backward", ("pred", "target"), pred, target)
-    xp = get_array_module(pred)
-    if not pred.size:
-        return xp.empty(pred.shape, pred.dtype)
-    gloss = xp.asarray(gloss, dtype=np.float64)
-    if gloss.size != 1:
-        raise ValueError(
-            f"mse_loss_backward: gloss must hold one value (the loss gradient), got shape {gloss.shape}"
-        )
-    # 2 gloss / size in float64, rounded to the dtype, as the reference computes it; on the device,
-    # so that a gloss there is not copied to the host
-    scale = (gloss.reshape(1) * 2.0 / pred.size).astype(pred.dtype)
-    out = xp.empty(pred.shape, pred.dtype)
-    _cuda.launch_elementwise(_scaled_difference_cuda, out.size, flat(pred), flat(target), scale, out.ravel())
     return out
 
 

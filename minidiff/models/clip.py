@@ -142,8 +142,18 @@ class CLIPEncoderLayer(Module):
 
 
 class CLIPEncoder(Module):
-    def __init__(self, layers):
-        self.layers = list(layers)
+    """Both towers' stack: ``num_hidden_layers`` CLIPEncoderLayers of one size, run in turn.
+    ``model`` names the tower in the error for an unknown ``hidden_act``."""
+
+    def __init__(
+        self, model, num_hidden_layers, hidden_size, heads, intermediate_size, hidden_act, eps, **kw
+    ):
+        if hidden_act not in ACTIVATIONS:
+            raise ValueError(f"{model}: hidden_act must be one of {sorted(ACTIVATIONS)}, got {hidden_act!r}")
+        self.layers = [
+            CLIPEncoderLayer(hidden_size, heads, intermediate_size, hidden_act, eps, **kw)
+            for _ in range(num_hidden_layers)
+        ]
 
     def forward(self, x):
         for layer in self.layers:
@@ -173,25 +183,13 @@ class CLIPTextModel(Module, Pretrained):
         rng=None,
         dtype=None,
     ):
-        if hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"CLIPTextModel: hidden_act must be one of {sorted(ACTIVATIONS)}, got {hidden_act!r}"
-            )
         self.hidden_size = hidden_size
         self.eos_token_id = eos_token_id
         self.embeddings = CLIPTextEmbeddings(
             vocab_size, hidden_size, max_position_embeddings, rng=rng, dtype=dtype
         )
-        layer = dict(
-            hidden_size=hidden_size,
-            heads=num_attention_heads,
-            intermediate_size=intermediate_size,
-            hidden_act=hidden_act,
-            eps=layer_norm_eps,
-            rng=rng,
-            dtype=dtype,
-        )
-        self.encoder = CLIPEncoder(CLIPEncoderLayer(**layer) for _ in range(num_hidden_layers))
+        sizes = (num_hidden_layers, hidden_size, num_attention_heads, intermediate_size)
+        self.encoder = CLIPEncoder("CLIPTextModel", *sizes, hidden_act, layer_norm_eps, rng=rng, dtype=dtype)
         self.final_layer_norm = LayerNorm(hidden_size, eps=layer_norm_eps, dtype=dtype)
         self.config = {
             **DEFAULTS,
@@ -351,10 +349,6 @@ class CLIPVisionModel(Module, Pretrained):
         rng=None,
         dtype=None,
     ):
-        if hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"CLIPVisionModel: hidden_act must be one of {sorted(ACTIVATIONS)}, got {hidden_act!r}"
-            )
         if not 0 < patch_size <= image_size:
             raise ValueError(
                 f"CLIPVisionModel: patch_size={patch_size} must be in [1, image_size={image_size}]"
@@ -364,17 +358,10 @@ class CLIPVisionModel(Module, Pretrained):
             hidden_size, num_channels, image_size, patch_size, rng=rng, dtype=dtype
         )
         self.pre_layrnorm = LayerNorm(hidden_size, eps=layer_norm_eps, dtype=dtype)
-        layer = dict(
-            hidden_size=hidden_size,
-            heads=num_attention_heads,
-            intermediate_size=intermediate_size,
-            hidden_act=hidden_act,
-            eps=layer_norm_eps,
-            causal=False,
-            rng=rng,
-            dtype=dtype,
+        sizes = (num_hidden_layers, hidden_size, num_attention_heads, intermediate_size)
+        self.encoder = CLIPEncoder(
+            "CLIPVisionModel", *sizes, hidden_act, layer_norm_eps, causal=False, rng=rng, dtype=dtype
         )
-        self.encoder = CLIPEncoder(CLIPEncoderLayer(**layer) for _ in range(num_hidden_layers))
         self.post_layernorm = LayerNorm(hidden_size, eps=layer_norm_eps, dtype=dtype)
         self.config = {
             **VISION_DEFAULTS,

@@ -35,7 +35,8 @@ from ..data import BatchIterator, load_dataset, save_grid
 from ..diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion, ddim_sample
 from ..models import UNet
 from ..nn.layers import Dropout
-from ..optim import EMA, AdamW, clip_grad_norm, warmup_lr
+from ..optim import EMA, AdamW
+from ._step import apply_gradients, optimizer_state, progress_bar, write_loss_row
 from .plot import plot_loss
 
 
@@ -436,11 +437,7 @@ class Trainer:
             loss.backward()
         else:
             self.averager.backward(loss, weight=(hi - lo) / n)
-        if self.config.grad_clip:
-            clip_grad_norm(self.params, self.config.grad_clip)
-        self.optimizer.lr = warmup_lr(self.step, self.config.lr, self.config.warmup_steps)
-        self.optimizer.step()
-        self.ema.update()
+        apply_gradients(self.optimizer, self.ema, self.params, self.step, self.config, self.config.grad_clip)
         self.step += 1
         return value
 
@@ -458,12 +455,7 @@ class Trainer:
             "image_shape": list(self.dataset.images.shape[1:]),
             "rng": _rng_state(self.rng),
             "batches": self.batches.state_dict(),
-            "optimizer": {
-                "step_count": self.optimizer.step_count,
-                "lr": self.optimizer.lr,
-                "steps": list(self.optimizer.steps),
-            },
-            "ema": {"decay": self.ema.decay, "updates": self.ema.updates},
+            **optimizer_state(self.optimizer, self.ema),
         }
 
     def checkpoint_payload(self, copy=False) -> tuple[str, dict, dict]:
@@ -623,8 +615,6 @@ class Trainer:
                 lock.release()
 
     def _fit_locked(self) -> dict:
-        from tqdm import tqdm
-
         root = self.world.is_root
         self.world.begin()
         self.world.broadcast([p.data for p in self.params] + self.ema.shadow)
@@ -641,14 +631,7 @@ class Trainer:
         if in_main_thread:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[signum] = signal.signal(signum, self._request_stop)
-        bar = tqdm(
-            total=self.config.steps,
-            initial=self.step,
-            disable=not self.progress,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-        )
+        bar = progress_bar("train", self.config.steps, self.step, self.progress)
         status, recent, pending = "finished", [], None
         try:
             while self.step < self.config.steps:
@@ -660,10 +643,7 @@ class Trainer:
                 bar.update(1)
                 last = self.step == self.config.steps
                 if self.step % self.config.log_every == 0 or last:
-                    mean_loss = float(np.mean(recent))
-                    writer.writerow([self.step, f"{mean_loss:.6f}", f"{self.optimizer.lr:.3g}"])
-                    log.flush()
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    write_loss_row(log, writer, bar, self.step, recent, self.optimizer.lr)
                     recent = []
                 if self.step % self.config.sample_every == 0 or last:
                     self.save_samples()

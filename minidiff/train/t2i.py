@@ -46,10 +46,11 @@ from ..diffusion import DDIMScheduler
 from ..models import AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel
 from ..models.tokenizer import write_clip_tokenizer
 from ..nn.pretrained import write_config
-from ..optim import EMA, AdamW, clip_grad_norm, warmup_lr
+from ..optim import EMA, AdamW
 from ..pipelines import StableDiffusion
 from ..pipelines.stable_diffusion import model_index
 from ..tensor import Tensor, tensor
+from ._step import apply_gradients, optimizer_state, progress_bar, write_loss_row
 from .ddpm import TrainingDiverged, _loss_rows_up_to, require_one_process
 from .plot import plot_loss
 
@@ -306,11 +307,7 @@ class Stage:
             raise TrainingDiverged(f"{self.name}: loss became {value} at step {self.step + 1}")
         self.optimizer.zero_grad()
         loss.backward()
-        if self.config.grad_clip:
-            clip_grad_norm(self.params, self.config.grad_clip)
-        self.optimizer.lr = warmup_lr(self.step, self.part.lr, self.part.warmup_steps)
-        self.optimizer.step()
-        self.ema.update()
+        apply_gradients(self.optimizer, self.ema, self.params, self.step, self.part, self.config.grad_clip)
         self.step += 1
         return value
 
@@ -340,12 +337,7 @@ class Stage:
             "step": self.step,
             "rng": self.rng.bit_generator.state,
             "batches": self.batches.state_dict(),
-            "optimizer": {
-                "step_count": self.optimizer.step_count,
-                "lr": self.optimizer.lr,
-                "steps": list(self.optimizer.steps),
-            },
-            "ema": {"decay": self.ema.decay, "updates": self.ema.updates},
+            **optimizer_state(self.optimizer, self.ema),
             **self.extra_state(),
         }
         path = io.save_checkpoint(self.folder / "checkpoints", f"step-{self.step:08d}", arrays, state)
@@ -399,8 +391,6 @@ class Stage:
     def fit(self, progress=True) -> str:
         """Train to ``steps``: "finished", "interrupted" (Ctrl-C: a checkpoint is saved) or
         "diverged" (a non-finite loss: the last good checkpoint is kept)."""
-        from tqdm import tqdm
-
         self.folder.mkdir(parents=True, exist_ok=True)
         log_path = self.folder / "loss.csv"
         rows = _loss_rows_up_to(log_path, self.step)  # rows past a resumed step are redone
@@ -412,14 +402,7 @@ class Stage:
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._request_stop) if in_main_thread else None
         total = self.part.steps
-        bar = tqdm(
-            total=total,
-            initial=self.step,
-            disable=not progress,
-            desc=self.name,
-            unit="step",
-            dynamic_ncols=True,
-        )
+        bar = progress_bar(self.name, total, self.step, progress)
         status, recent = "finished", []
         try:
             while self.step < total:
@@ -427,10 +410,7 @@ class Stage:
                 bar.update(1)
                 last = self.step == total
                 if self.step % self.config.log_every == 0 or last:
-                    mean = float(np.mean(recent))
-                    writer.writerow([self.step, f"{mean:.6f}", f"{self.optimizer.lr:.3g}"])
-                    log.flush()
-                    bar.set_postfix(loss=f"{mean:.4f}")
+                    write_loss_row(log, writer, bar, self.step, recent, self.optimizer.lr)
                     recent = []
                 if self.step % self.config.sample_every == 0 or last:
                     self.report()
@@ -756,12 +736,9 @@ class T2ITrainer:
         self.tokenizer = CLIPTokenizer.from_pretrained(self.tokenizer_folder)
 
         stage = self.autoencoder
-        if stage.has_checkpoint():
-            stage.load_checkpoint()
-        if not stage.done:
-            status = stage.fit(self.progress)
-            if status != "finished":
-                return self._result(status, stage)
+        status = self._run(stage)
+        if status != "finished":
+            return self._result(status, stage)
         self.vae = stage.ema_autoencoder()
 
         latents = self._latents()
@@ -769,13 +746,14 @@ class T2ITrainer:
         self.vae.config["scaling_factor"] = self.scaling_factor
 
         self.denoiser = stage = DenoiserStage(self, latents)
+        return self._result(self._run(stage), stage)
+
+    def _run(self, stage) -> str:
+        """Resume ``stage`` from its checkpoint where it has one and train it to its last step;
+        its status ("finished" for a stage already done)."""
         if stage.has_checkpoint():
             stage.load_checkpoint()
-        if not stage.done:
-            status = stage.fit(self.progress)
-            if status != "finished":
-                return self._result(status, stage)
-        return self._result("finished", stage)
+        return "finished" if stage.done else stage.fit(self.progress)
 
     def _latents(self):
         """Stage 2: the posterior of every training image and the scaling factor, computed once

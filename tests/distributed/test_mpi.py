@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_runs import tiny_run
 
 from minidiff import io
 from minidiff.train import TrainConfig, Trainer, load_model
@@ -23,7 +24,10 @@ pytest.importorskip("mpi4py")
 MPIEXEC = shutil.which(
     "mpiexec", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 )
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+pytestmark = [
+    pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)"),
+    pytest.mark.usefixtures("private_cache"),
+]
 
 WORKER = str(Path(__file__).with_name("worker.py"))
 REPO = Path(__file__).resolve().parents[2]
@@ -31,34 +35,16 @@ TIMEOUT = 60  # seconds for one mpiexec run; they take a few
 
 # every source of randomness in play (label dropout, flips, model dropout), and a learning rate
 # high enough from the first step that the weights move far more than rounding does
-CONFIG = {
-    "dataset": "digits",
-    "image_size": 8,
-    "steps": 3,
-    "batch_size": 8,
-    "lr": 2e-3,
-    "warmup_steps": 1,
-    "timesteps": 20,
-    "sample_steps": 2,
-    "sample_every": 100,
-    "checkpoint_every": 1,
-    "log_every": 1,
-    "class_dropout": 0.3,
-    "flip": True,
-    "model": {
-        "base_channels": 8,
-        "channel_mults": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [4],
-        "norm_groups": 4,
-        "dropout": 0.2,
-    },
-}
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "cache"))
+CONFIG = tiny_run(
+    steps=3,
+    lr=2e-3,
+    warmup_steps=1,
+    sample_every=100,
+    checkpoint_every=1,
+    class_dropout=0.3,
+    flip=True,
+    model={"dropout": 0.2},
+)
 
 
 def environment(**extra):

@@ -3,32 +3,18 @@ against the textbook formulas (scipy.stats.norm), every layout, both drivers, an
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_params import impls, make_array
+from kernel_params import impls, make_array, threads
 
 from minidiff import kernels
-from minidiff.kernels import _cpu
 from minidiff.testing import tolerance
 
 DTYPES = (np.float32, np.float64)
 LAYOUTS = ("contiguous", "transposed", "strided")
-
-
-@contextlib.contextmanager
-def threads(parallel):
-    """Force the parallel (every size) or the serial (no size) driver."""
-    saved = _cpu.PARALLEL_MIN
-    _cpu.PARALLEL_MIN = 0 if parallel else 1 << 62
-    try:
-        yield
-    finally:
-        _cpu.PARALLEL_MIN = saved
 
 
 def textbook(x, approximate):

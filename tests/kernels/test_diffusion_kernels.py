@@ -1,55 +1,30 @@
-"""Diffusion kernels (q_sample, the fused MSE, the DDPM and DDIM steps): every implementation
+"""Diffusion kernels (q_sample, the DDPM and DDIM steps): every implementation
 against the reference, the reference against NumPy formulas written out here, non-contiguous
 inputs, the serial and the parallel drivers, and bad inputs."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_params import CPU_IMPLEMENTATIONS, impls, make_array
+from kernel_params import (
+    CPU_IMPLEMENTATIONS,
+    cases,
+    check_reference_and_doc,
+    close,
+    implementation,
+    impls,
+    make_array,
+    reference,
+    threads,
+)
 
 from minidiff import kernels
-from minidiff.kernels import _cpu
-from minidiff.testing import tolerance
 
 DTYPES = (np.float32, np.float64)
 FAST = ("numba", "native")
-OPS = ("q_sample", "mse_loss_forward", "mse_loss_backward", "ddpm_step", "ddim_step")
-
-
-def reference(op):
-    return kernels.implementations(op)["reference"]
-
-
-@contextlib.contextmanager
-def threads(parallel):
-    """Force the parallel (every size) or the serial (no size) driver of the fast kernels."""
-    saved = _cpu.PARALLEL_MIN
-    _cpu.PARALLEL_MIN = 0 if parallel else 1 << 62
-    try:
-        yield
-    finally:
-        _cpu.PARALLEL_MIN = saved
-
-
-def close(actual, expected, dtype):
-    assert actual.shape == expected.shape
-    assert actual.dtype == dtype
-    np.testing.assert_allclose(actual, expected, **tolerance(dtype))
-
-
-@st.composite
-def cases(draw, min_dims=1):
-    """``(rng, shape, dtype, layout)``: a small batch (N, ...) with 0-3 more dims."""
-    rest = tuple(draw(st.lists(st.integers(1, 4), max_size=3)))
-    shape = (draw(st.integers(1, 4)), *rest) if min_dims else rest
-    dtype = draw(st.sampled_from(DTYPES))
-    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
-    return np.random.default_rng(draw(st.integers(0, 2**32 - 1))), shape, dtype, layout
+OPS = ("q_sample", "ddpm_step", "ddim_step")
 
 
 def schedule(rng, T):
@@ -74,10 +49,7 @@ def per_sample(values, ndim):
 
 @pytest.mark.parametrize("op", OPS)
 def test_every_op_has_a_reference_and_documents_it(op):
-    impls_ = kernels.implementations(op)
-    assert "reference" in impls_
-    assert all(kernels.available()[name][0] for name in impls_)
-    assert getattr(kernels, op).__doc__ == impls_["reference"].__doc__
+    check_reference_and_doc(op)
 
 
 # -- q_sample ------------------------------------------------------------------------------------
@@ -140,76 +112,6 @@ def test_q_sample_rejects_bad_arrays(impl):
         impl(np.zeros(()), np.zeros(()), a, s, t)
 
 
-# -- the MSE loss --------------------------------------------------------------------------------
-
-
-@st.composite
-def mse_cases(draw):
-    """pred, target (any shape, long ones spanning several CHUNKs included) and gloss."""
-    rng, shape, dtype, layout = draw(cases(min_dims=0))
-    if draw(st.booleans()):
-        shape = (draw(st.integers(1, 3 * _cpu.CHUNK + 7)),)
-        layout = draw(st.sampled_from(["contiguous", "strided"]))
-    pred = make_array(rng, shape, dtype, layout, scale=draw(st.sampled_from([0.1, 1.0, 10.0])))
-    target = make_array(rng, shape, dtype, layout)
-    return pred, target, np.asarray(rng.standard_normal(), dtype=dtype)
-
-
-@given(mse_cases())
-def test_mse_reference_is_the_formula(case):
-    pred, target, gloss = case
-    dtype = pred.dtype
-    diff = pred.astype(np.float64) - target.astype(np.float64)
-    close(reference("mse_loss_forward")(pred, target), np.asarray(np.mean(diff**2)), dtype)
-    close(reference("mse_loss_backward")(pred, target, gloss), 2 * diff * float(gloss) / diff.size, dtype)
-
-
-@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-@pytest.mark.parametrize("op", ["mse_loss_forward", "mse_loss_backward"])
-@pytest.mark.parametrize("name", FAST)
-@given(case=mse_cases())
-def test_mse_matches_the_reference(name, op, parallel, case):
-    impl = kernels.implementations(op).get(name)
-    if impl is None:
-        pytest.skip(f"no {name} version of {op} here")
-    pred, target, gloss = case
-    args = (pred, target) if op == "mse_loss_forward" else (pred, target, gloss)
-    with threads(parallel):
-        out = impl(*args)
-    close(out, reference(op)(*args), pred.dtype)
-
-
-@pytest.mark.parametrize("impl", impls("mse_loss_forward", FAST))
-def test_mse_sum_does_not_depend_on_the_threads(impl):
-    """The loss is summed over fixed chunks, in order: serial and parallel agree to the bit."""
-    rng = np.random.default_rng(1)
-    for n in (1, 5, _cpu.CHUNK - 1, _cpu.CHUNK, 7 * _cpu.CHUNK + 3):
-        pred, target = rng.standard_normal(n), rng.standard_normal(n)
-        with threads(False):
-            serial = impl(pred, target)
-        with threads(True):
-            parallel = impl(pred, target)
-        assert serial.shape == () and serial == parallel
-
-
-@pytest.mark.parametrize("op", ["mse_loss_forward", "mse_loss_backward"])
-@pytest.mark.parametrize("name", CPU_IMPLEMENTATIONS)
-def test_mse_rejects_bad_inputs(name, op):
-    impl = kernels.implementations(op).get(name)
-    if impl is None:
-        pytest.skip(f"no {name} version of {op} here")
-    extra = (np.ones(()),) if op == "mse_loss_backward" else ()
-    with pytest.raises(ValueError, match="shapes must match"):
-        impl(np.zeros((2, 3)), np.zeros((3, 2)), *extra)
-    with pytest.raises(TypeError, match="same dtype"):
-        impl(np.zeros(3), np.zeros(3, np.float32), *extra)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        impl(np.zeros(3, np.int32), np.zeros(3, np.int32), *extra)
-    if op == "mse_loss_backward":
-        with pytest.raises(ValueError, match="gloss must hold one value"):
-            impl(np.zeros(3), np.zeros(3), np.ones(2))
-
-
 # -- the sampler steps ---------------------------------------------------------------------------
 
 
@@ -263,9 +165,7 @@ def test_ddim_step_reference_is_the_formula(case):
 @pytest.mark.parametrize("name", FAST)
 @given(case=step_cases())
 def test_steps_match_the_reference(name, op, parallel, case):
-    impl = kernels.implementations(op).get(name)
-    if impl is None:
-        pytest.skip(f"no {name} version of {op} here")
+    impl = implementation(op, name)
     args, kwargs = (ddpm_args if op == "ddpm_step" else ddim_args)(case)
     with threads(parallel):
         out = impl(*args, **kwargs)
@@ -276,9 +176,7 @@ def test_steps_match_the_reference(name, op, parallel, case):
 @pytest.mark.parametrize("name", CPU_IMPLEMENTATIONS)
 def test_steps_keep_nan_through_the_clip(name, op):
     """NaN stays NaN, as with np.clip (a diverged model must not look converged)."""
-    impl = kernels.implementations(op).get(name)
-    if impl is None:
-        pytest.skip(f"no {name} version of {op} here")
+    impl = implementation(op, name)
     zeros, x0 = np.zeros(4), np.array([np.nan, 3.0, -3.0, 0.5])
     if op == "ddpm_step":  # x_prev = 1 * clip(x0) + 0 * x_t
         out = impl(zeros, x0, None, 1.0, 0.0, 0.0, clip=True)
@@ -290,9 +188,7 @@ def test_steps_keep_nan_through_the_clip(name, op):
 @pytest.mark.parametrize("op", ["ddpm_step", "ddim_step"])
 @pytest.mark.parametrize("name", CPU_IMPLEMENTATIONS)
 def test_steps_reject_bad_inputs(name, op):
-    impl = kernels.implementations(op).get(name)
-    if impl is None:
-        pytest.skip(f"no {name} version of {op} here")
+    impl = implementation(op, name)
     x = np.zeros((2, 3))
     pack = ddpm_args if op == "ddpm_step" else ddim_args
     for bad, error, match in [

@@ -4,7 +4,6 @@ change, non-contiguous gradients, and the arrays they refuse to update."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_params import impls
+from kernel_params import impls, threads
 
 from minidiff import kernels
 from minidiff.kernels import _cpu
@@ -23,17 +22,6 @@ from minidiff.testing import tolerance
 
 DTYPES = (np.float32, np.float64)
 FAST = ("numba", "native")
-
-
-@contextlib.contextmanager
-def threads(parallel):
-    """Force the parallel (every size) or the serial (no size) driver of the fast kernels."""
-    saved = _cpu.PARALLEL_MIN
-    _cpu.PARALLEL_MIN = 0 if parallel else 1 << 62
-    try:
-        yield
-    finally:
-        _cpu.PARALLEL_MIN = saved
 
 
 def close(actual, expected, dtype):

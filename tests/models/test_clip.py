@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
-from sd_folders import write_clip_tokenizer
+from sd_folders import clip_text_config, write_clip_tokenizer
 from torch_compare import compare_with_torch
 
 from minidiff.models.clip import CLIPTextModel
@@ -27,18 +27,8 @@ def tokenizer(tmp_path_factory):
 
 
 def tiny_config(tokenizer, **overrides):
-    config = dict(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",  # eager attention takes its softmax in float32
-    )
+    # sdpa: eager attention takes its softmax in float32
+    config = clip_text_config(tokenizer, 32, 37, heads=4, attn_implementation="sdpa")
     return transformers.CLIPTextConfig(**{**config, **overrides})
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
-from sd_folders import write_clip_tokenizer
+from sd_folders import clip_text_config, clip_vision_config, write_clip_tokenizer
 from torch_compare import compare_with_torch
 
 from minidiff.models.clip import CLIPModel, CLIPVisionModel, normalize
@@ -32,31 +32,12 @@ def tokenizer(tokenizer_folder):
 
 
 def vision_config(**overrides):
-    config = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=30,
-        patch_size=10,
-        attn_implementation="sdpa",  # eager attention takes its softmax in float32
-    )
+    config = clip_vision_config(10, attn_implementation="sdpa")  # eager: a float32 softmax
     return transformers.CLIPVisionConfig(**{**config, **overrides})
 
 
 def clip_config(tokenizer, hidden_act="quick_gelu", **vision):
-    text = dict(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=24,
-        intermediate_size=29,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_act=hidden_act,
-    )
+    text = clip_text_config(tokenizer, 24, 29, heads=2, hidden_act=hidden_act)
     return transformers.CLIPConfig(
         text_config=text,
         vision_config=vision_config(hidden_act=hidden_act, **vision).to_dict(),

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from sd_folders import write_clip_tokenizer
+from sd_folders import clip_text_config, write_clip_tokenizer
 
 from minidiff.pipelines import PipelineError, StableDiffusion
 
@@ -55,19 +55,7 @@ def build_folder(path, prediction_type="epsilon", seed=0):
         norm_num_groups=4,
         layers_per_block=1,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=24,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=12,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_text_config(tokenizer, 24, 37, heads=4)))
     scheduler = PNDMScheduler(**SD1_SCHEDULER, prediction_type=prediction_type)
     for model in (unet, vae, text_encoder):  # random weights away from the zero initialisations
         for p in model.parameters():
