@@ -93,3 +93,16 @@ def cases(draw, min_dims=1):
     dtype = draw(st.sampled_from((np.float32, np.float64)))
     layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
     return np.random.default_rng(draw(st.integers(0, 2**32 - 1))), shape, dtype, layout
+
+
+def check_group_norm_forward_rejects(forward, x, w):
+    """The argument errors every version of group_norm_forward raises, given float32 arrays
+    x (2, 6, 3) and w (6,) (NumPy, or CuPy for the CUDA version)."""
+    with pytest.raises(ValueError, match="groups=4 must divide the C=6"):
+        forward(x, w, w, 4, 1e-5)
+    with pytest.raises(ValueError, match="both weight and bias"):
+        forward(x, w, None, 3, 1e-5)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6,\)"):
+        forward(x, w[:4], w[:4], 3, 1e-5)
+    with pytest.raises(TypeError, match="same dtype"):
+        forward(x, w.astype(np.float64), w, 3, 1e-5)

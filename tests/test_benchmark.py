@@ -166,9 +166,7 @@ def test_cli_bench_options_of_the_other_mode_are_refused(capsys):
 
 
 def test_cli_bench_unet_without_torch_says_so(monkeypatch, capsys):
-    from minidiff.bench import unet
-
-    monkeypatch.setattr(unet, "import_torch", lambda: None)
+    monkeypatch.setattr(harness, "import_torch", lambda: None)
     assert cli_main(["bench", "--unet", *TINY_UNET]) == 1
     assert "compares against PyTorch, which is not installed" in capsys.readouterr().err
 

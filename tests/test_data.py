@@ -70,6 +70,14 @@ def raises(exc, path: Path, what: str):
     return pytest.raises(exc, match=rf"{re.escape(path.name)}.*{what}")
 
 
+def check_malformed(folder: Path, name: str, data: bytes, what: str, dataset: str):
+    """Loading ``dataset`` from a folder whose file ``name`` holds ``data`` is a ValueError naming
+    the file and ``what`` is wrong."""
+    path = write(folder / name, data)
+    with raises(ValueError, path, what):
+        load_dataset(f"{dataset}:{folder}")
+
+
 # -- digits ---------------------------------------------------------------------------------
 
 
@@ -212,10 +220,7 @@ _BAD_IDX = {
 
 @pytest.mark.parametrize("case", sorted(_BAD_IDX))
 def test_malformed_idx_images_raise(tmp_path, case):
-    data, what = _BAD_IDX[case]
-    path = write(tmp_path / "train-images-idx3-ubyte", data)
-    with raises(ValueError, path, what):
-        load_dataset(f"mnist:{tmp_path}")
+    check_malformed(tmp_path, "train-images-idx3-ubyte", *_BAD_IDX[case], "mnist")
 
 
 def test_mnist_label_problems_raise(tmp_path):
@@ -298,10 +303,7 @@ _BAD_CIFAR = {
 
 @pytest.mark.parametrize("case", sorted(_BAD_CIFAR))
 def test_malformed_cifar10_batches_raise(tmp_path, case):
-    data, what = _BAD_CIFAR[case]
-    path = write(tmp_path / "data_batch_1", data)
-    with raises(ValueError, path, what):
-        load_dataset(f"cifar10:{tmp_path}")
+    check_malformed(tmp_path, "data_batch_1", *_BAD_CIFAR[case], "cifar10")
 
 
 def test_cifar10_folder_without_batches(tmp_path):

@@ -192,6 +192,15 @@ def import_torch():
     return torch
 
 
+def require_torch(benchmark: str, packages: str = "torch==2.13.0, the CPU build"):
+    """The torch module for a benchmark that compares against it; a RuntimeError naming the
+    benchmark and what to install where PyTorch is not installed."""
+    torch = import_torch()
+    if torch is None:
+        raise RuntimeError(f"{benchmark}, which is not installed (pip install {packages})")
+    return torch
+
+
 def machine(torch=None) -> dict:
     """The machine, the versions and the kernel implementations the numbers were measured with."""
     from minidiff import kernels

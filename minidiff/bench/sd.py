@@ -36,7 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .harness import command_parser, import_torch, positive_int, torch_on_every_core, write_report
+from .harness import (
+    command_parser,
+    import_torch,
+    positive_int,
+    require_torch,
+    torch_on_every_core,
+    write_report,
+)
 
 PARTS = ("unet", "vae", "text", "attention")
 REPEATS = 3
@@ -264,12 +271,10 @@ def _subprocess(args: list) -> dict:
 
 def run(parts, tiny, repeats, steps) -> dict:
     """Build each part's folder, time it in both frameworks, compare the outputs; the report."""
-    torch = import_torch()
-    if torch is None:
-        raise RuntimeError(
-            "the Stable Diffusion benchmark compares against diffusers on PyTorch, which is not "
-            "installed (pip install torch==2.13.0 diffusers transformers)"
-        )
+    torch = require_torch(
+        "the Stable Diffusion benchmark compares against diffusers on PyTorch",
+        "torch==2.13.0 diffusers transformers",
+    )
     results = {}
     with tempfile.TemporaryDirectory(prefix="minidiff-bench-sd-") as tmp:
         for part in parts:

@@ -34,6 +34,7 @@ from .harness import (
     import_torch,
     median_seconds,
     positive_int,
+    require_torch,
     torch_on_every_core,
     write_report,
 )
@@ -142,12 +143,7 @@ def measure_in_subprocess(framework, cfg, batch, repeats) -> dict:
 
 def run(cfg, batch, repeats, rounds) -> dict:
     """Alternate the two frameworks for ``rounds`` rounds; the report (JSON-ready)."""
-    torch = import_torch()
-    if torch is None:
-        raise RuntimeError(
-            "the U-Net benchmark compares against PyTorch, which is not installed "
-            "(pip install torch==2.13.0, the CPU build)"
-        )
+    torch = require_torch("the U-Net benchmark compares against PyTorch")
     per_round = [
         {fw: measure_in_subprocess(fw, cfg, batch, repeats) for fw in ("minidiff", "torch")}
         for _ in range(rounds)

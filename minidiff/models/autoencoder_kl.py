@@ -65,6 +65,14 @@ def _resnets(in_channels, out_channels, num_layers, groups, rng, dtype):
     ]
 
 
+def _in_turn(x, *stages):
+    """x through every module of each stage in turn (a stage: a list of modules, or None)."""
+    for stage in stages:
+        for module in stage or ():
+            x = module(x)
+    return x
+
+
 class UNetMidBlock2D(Module):
     """resnets.0, then (attentions.0, resnets.1): diffusers' mid block without a time
     embedding; ``add_attention=False`` leaves the attention out."""
@@ -98,11 +106,7 @@ class DownEncoderBlock2D(Module):
         )
 
     def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        for downsampler in self.downsamplers or ():
-            x = downsampler(x)
-        return x
+        return _in_turn(x, self.resnets, self.downsamplers)
 
 
 class UpDecoderBlock2D(Module):
@@ -115,11 +119,7 @@ class UpDecoderBlock2D(Module):
         )
 
     def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        for upsampler in self.upsamplers or ():
-            x = upsampler(x)
-        return x
+        return _in_turn(x, self.resnets, self.upsamplers)
 
 
 class Encoder(Module):

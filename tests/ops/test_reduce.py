@@ -21,37 +21,41 @@ def _as_tuple(axis, ndim):
     return tuple(a % ndim for a in ((axis,) if isinstance(axis, int) else axis))
 
 
-def ref_sum(a, axis, keepdims):
-    """Sum by an explicit loop over the kept positions."""
+def _reduced_last(a, axis):
+    """``(flat, red)``: a with the reduced axes ``red`` moved last and merged into one, the kept
+    ones first."""
     red = _as_tuple(axis, a.ndim)
     keep = [i for i in range(a.ndim) if i not in red]
     moved = np.moveaxis(a, red, range(a.ndim - len(red), a.ndim)) if red else a
-    flat = moved.reshape(tuple(a.shape[i] for i in keep) + (-1,))
+    return moved.reshape(tuple(a.shape[i] for i in keep) + (-1,)), red
+
+
+def _kept(out, a, red, keepdims):
+    """out with the reduced axes as ones when ``keepdims``."""
+    return out.reshape(tuple(1 if i in red else n for i, n in enumerate(a.shape))) if keepdims else out
+
+
+def ref_sum(a, axis, keepdims):
+    """Sum by an explicit loop over the kept positions."""
+    flat, red = _reduced_last(a, axis)
     out = np.zeros(flat.shape[:-1])
     for idx in np.ndindex(*flat.shape[:-1]):
         total = 0.0
         for v in flat[idx]:
             total += float(v)
         out[idx] = total
-    if keepdims:
-        out = out.reshape(tuple(1 if i in red else n for i, n in enumerate(a.shape)))
-    return out, flat.shape[-1]
+    return _kept(out, a, red, keepdims), flat.shape[-1]
 
 
 def ref_max(a, axis, keepdims):
-    red = _as_tuple(axis, a.ndim)
-    keep = [i for i in range(a.ndim) if i not in red]
-    moved = np.moveaxis(a, red, range(a.ndim - len(red), a.ndim)) if red else a
-    flat = moved.reshape(tuple(a.shape[i] for i in keep) + (-1,))
+    flat, red = _reduced_last(a, axis)
     out = np.empty(flat.shape[:-1])
     for idx in np.ndindex(*flat.shape[:-1]):
         best = -np.inf
         for v in flat[idx]:
             best = v if v > best else best
         out[idx] = best
-    if keepdims:
-        out = out.reshape(tuple(1 if i in red else n for i, n in enumerate(a.shape)))
-    return out
+    return _kept(out, a, red, keepdims)
 
 
 @st.composite
