@@ -1,4 +1,4 @@
-"""Losses fused into one kernel pass each way (see minidiff/kernels/diffusion.py)."""
+"""Losses fused into one kernel pass each way (see minidiff/kernels/loss.py)."""
 
 from __future__ import annotations
 
