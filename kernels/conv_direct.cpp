@@ -40,27 +40,10 @@
 #endif
 
 #include "kernels.h"
-
-// The vector helpers pass vectors by value; they are always inlined into a function compiled
-// for the vectors' width, so the ABI note about wide vectors in baseline code does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#define MINIDIFF_INLINE inline __attribute__((always_inline))
+#include "lanes.h"
 
 namespace minidiff {
 namespace {
-
-template <int VW>
-struct Lanes {
-    typedef float type __attribute__((vector_size(VW * sizeof(float))));
-};
-
-template <int VW>
-MINIDIFF_INLINE typename Lanes<VW>::type load(const float* p) {
-    typename Lanes<VW>::type v;
-    std::memcpy(&v, p, sizeof v);  // an unaligned vector load
-    return v;
-}
 
 // Zeroed floats after each padded plane: the last vector of a plane reads up to 15 positions
 // past the outputs, plus the kernel width and the padding below.

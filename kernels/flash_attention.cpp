@@ -22,10 +22,7 @@
 #include <vector>
 
 #include "kernels.h"
-
-#pragma GCC diagnostic ignored "-Wpsabi"  // wide vectors by value, always inlined (see conv_direct.cpp)
-
-#define MINIDIFF_INLINE inline __attribute__((always_inline))
+#include "lanes.h"
 
 namespace minidiff {
 namespace {
@@ -35,24 +32,8 @@ constexpr int64_t KB = 256;  // keys per tile: QB * KB scores (64 KiB) stay in t
 constexpr int R = 4;         // query rows per register tile
 constexpr int SV = 4;        // key vectors per score tile
 
-template <int VW>
-struct Lanes {
-    typedef float type __attribute__((vector_size(VW * sizeof(float))));
-};
-
-template <int VW>
-MINIDIFF_INLINE typename Lanes<VW>::type load(const float* p) {
-    typename Lanes<VW>::type v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-template <int VW>
-MINIDIFF_INLINE void store(float* p, typename Lanes<VW>::type v) {
-    std::memcpy(p, &v, sizeof v);
-}
-
-// What one call works on. kt (B, D, LkP): k transposed, zero keys up to LkP (a multiple of KB);
+// What one call works on. kt (B, D, LkP): k transposed, zero keys up to LkP (a multiple of the
+// score tile's SV * VW keys);
 // vp (B, LkP, DvP): v with its columns padded to whole vectors and zero rows past Lk.
 struct Plan {
     const float* q;
